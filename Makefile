@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Both create the environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format bench clean
+
+$(STAMP): pyproject.toml requirements.lock install.sh
+	VENV=$(VENV) ./install.sh
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sae-pipeline demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(PY) bench/bench_trainer.py
+
+clean:
+	rm -rf artifacts .airflow
