@@ -1,0 +1,173 @@
+"""
+### Stacked autoencoder training
+
+Ingests and validates the data, splits it, fits the scaler on the training part, pretrains
+the stacked autoencoder **one layer per task** (greedy: layer k trains on the codes of the
+frozen layers below), fine-tunes it end to end, evaluates the codes with downstream probes
+against raw features and PCA, registers the encoder bundle and its scaler in MLflow as
+`challenger`, and promotes them to `champion` only when they pass the gate.
+
+The number of layer tasks follows the config named by `SAE_CONFIG` (default: the digits
+demo). Pretraining and fine-tuning run on the config's `heavy_queue` (`gpu` in production);
+every task is one call into `sae_pipeline.steps` and is safe to retry.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.sdk import Param, chain, dag, task
+
+from sae_pipeline.config import load_config
+
+# Run parameters -> the config fields they override (None leaves the config's value).
+PARAM_FIELDS = {
+    "data_source": "data.source",
+    "pretrain_epochs": "training.pretrain.epochs",
+    "finetune_epochs": "training.finetune.epochs",
+    "batch_size": "training.pretrain.batch_size",
+    "learning_rate": "training.finetune.learning_rate",
+    "scaler": "scaler.kind",
+    "seed": "training.seed",
+    "artifacts_root": "artifacts_root",
+    "tracking_uri": "registry.tracking_uri",
+    "encoder_model_name": "registry.encoder_model_name",
+    "scaler_model_name": "registry.scaler_model_name",
+}
+
+
+def _params() -> dict[str, Param]:
+    def optional(kind: str, doc: str) -> Param:
+        return Param(None, type=["null", kind], description=doc)
+
+    return {
+        "config_path": optional("string", "YAML config; default: $SAE_CONFIG or the demo's."),
+        "data_source": optional("string", "Path, URL or sklearn://<name> of the training data."),
+        "pretrain_epochs": optional("integer", "Epochs of each layer's pretraining."),
+        "finetune_epochs": optional("integer", "Epochs of end-to-end fine-tuning."),
+        "batch_size": optional("integer", "Mini-batch size (pretraining and fine-tuning)."),
+        "learning_rate": optional("number", "Fine-tuning learning rate."),
+        "scaler": Param(
+            None, type=["null", "string"], enum=[None, "standard", "minmax", "robust", "none"]
+        ),
+        "seed": optional("integer", "Training seed."),
+        "artifacts_root": optional("string", "Artifact store root (folder or fsspec URL)."),
+        "tracking_uri": optional("string", "MLflow tracking URI."),
+        "encoder_model_name": optional("string", "Registered model name of the encoder."),
+        "scaler_model_name": optional("string", "Registered model name of the scaler."),
+    }
+
+
+def overrides_from_params(params: dict) -> dict:
+    """DAG run params as dotted config overrides; batch size applies to both phases."""
+    out = {field: params.get(name) for name, field in PARAM_FIELDS.items()}
+    out["training.finetune.batch_size"] = params.get("batch_size")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def build_training_dag(config_path: str | None = None, dag_id: str = "sae_training"):
+    """The training DAG for the config at ``config_path``: one task per step and per layer."""
+    cfg = load_config(config_path)
+    heavy_queue = os.environ.get("SAE_HEAVY_QUEUE", cfg.heavy_queue)
+    n_layers = cfg.n_layers
+
+    @dag(
+        dag_id=dag_id,
+        schedule=os.environ.get("SAE_TRAINING_SCHEDULE", "@weekly"),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        params=_params(),
+        doc_md=__doc__,
+        tags=["sae", "training"],
+        default_args={"retries": 2, "retry_delay": pendulum.duration(seconds=10)},
+    )
+    def sae_training():
+        @task
+        def prepare(params: dict | None = None, run_id: str | None = None) -> dict:
+            from sae_pipeline import steps
+
+            return steps.prepare(
+                run_id,
+                params.get("config_path") or config_path,
+                overrides_from_params(params),
+                expected_layers=n_layers,
+            )
+
+        @task
+        def ingest(ctx: dict) -> dict:
+            from sae_pipeline import steps
+
+            return steps.ingest(ctx)
+
+        @task
+        def validate(ctx: dict) -> dict:
+            from sae_pipeline import steps
+
+            return steps.validate(ctx)
+
+        @task
+        def split(ctx: dict) -> dict:
+            from sae_pipeline import steps
+
+            return steps.split(ctx)
+
+        @task
+        def fit_scaler(ctx: dict) -> dict:
+            from sae_pipeline import steps
+
+            return steps.fit_scaler(ctx)
+
+        @task(queue=heavy_queue)
+        def pretrain_layer(ctx: dict, layer: int) -> dict:
+            from sae_pipeline import steps
+
+            return steps.pretrain_layer(ctx, layer)
+
+        @task(queue=heavy_queue)
+        def finetune(ctx: dict) -> dict:
+            from sae_pipeline import steps
+
+            return steps.finetune(ctx)
+
+        @task
+        def evaluate(ctx: dict) -> dict:
+            from sae_pipeline import steps
+
+            return steps.evaluate(ctx)
+
+        @task
+        def register(ctx: dict) -> dict:
+            from sae_pipeline import steps
+
+            return steps.register(ctx)
+
+        @task
+        def promote(ctx: dict, registered: dict) -> dict:
+            from sae_pipeline import steps
+
+            return steps.promote(ctx, registered)
+
+        ctx = prepare()
+        layers = [
+            pretrain_layer.override(task_id=f"pretrain_layer_{k}")(ctx, k)
+            for k in range(1, n_layers + 1)
+        ]
+        registered = register(ctx)
+        chain(
+            ingest(ctx),
+            validate(ctx),
+            split(ctx),
+            fit_scaler(ctx),
+            *layers,
+            finetune(ctx),
+            evaluate(ctx),
+            registered,
+        )
+        promote(ctx, registered)
+
+    return sae_training()
+
+
+training_dag = build_training_dag(os.environ.get("SAE_CONFIG"))

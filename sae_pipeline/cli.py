@@ -1,0 +1,98 @@
+"""``sae-pipeline``: the same steps the DAGs run, from a shell.
+
+Errors the user can fix (bad config, bad data, registry state) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _set_overrides(items: Sequence[str]) -> dict:
+    """``--set a.b=value`` pairs; values are parsed as YAML (numbers, lists, booleans)."""
+    import yaml
+
+    from sae_pipeline.errors import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
+    return out
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sae_pipeline.demo import run_demo
+
+    run_demo(Path(args.workdir).resolve(), conf=json.loads(args.conf) if args.conf else None)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sae_pipeline.pipeline import run_training
+
+    result = run_training(args.run_id, args.config, _set_overrides(args.set))
+    print(json.dumps({k: result[k] for k in ("evaluate", "register", "promote")}, indent=2))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sae_pipeline.config import load_config
+
+    cfg = load_config(args.config, **_set_overrides(args.set))
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae-pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the training DAG through Airflow on the digits demo")
+    p.add_argument("--workdir", default=".", help="where .airflow/ and artifacts/ go")
+    p.add_argument("--conf", help="DAG run params as JSON, e.g. '{\"finetune_epochs\": 5}'")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="run every training step in this process (no Airflow)")
+    p.add_argument("--config", help="YAML config (default: the embedded digits demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-id", default="cli", help="run id: the same id resumes that run")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="validate a config and print it resolved")
+    p.add_argument("--config", help="YAML config (default: the embedded digits demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sae_pipeline.errors import SaePipelineError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except SaePipelineError as err:
+        print(f"sae-pipeline: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""Pipeline steps: plain Python, no Airflow. A DAG task and a CLI command call one step each.
+
+Every step takes ``ctx`` (the small dict ``prepare`` returns: run key, config URI, MLflow run
+id), reads its inputs from the run's folder in the artifact store, writes its outputs there
+atomically, and returns a small JSON-able dict. A step whose output already exists returns it
+instead of redoing the work, so retries and re-runs neither duplicate nor change results.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from sae_pipeline import storage
+from sae_pipeline.config import PipelineConfig, build_config, load_config
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "evaluate",
+    "finetune",
+    "fit_scaler",
+    "ingest",
+    "prepare",
+    "pretrain_layer",
+    "promote",
+    "register",
+    "split",
+    "validate",
+]
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout."""
+    from sae_pipeline import __version__
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def config_of(ctx: dict[str, Any]) -> PipelineConfig:
+    return build_config(storage.read_json(ctx["config_uri"]))
+
+
+def _uri(ctx: dict[str, Any], *parts: str) -> str:
+    return storage.join(ctx["run_dir"], *parts)
+
+
+# ---- prepare ----------------------------------------------------------------------------------
+def prepare(
+    run_id: str,
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    expected_layers: int | None = None,
+) -> dict[str, Any]:
+    """Validate the config once, store it with the run, and open (or find) the MLflow run."""
+    from sae_pipeline import tracking
+
+    cfg = load_config(config_path, **(overrides or {}))
+    if expected_layers is not None and cfg.n_layers != expected_layers:
+        from sae_pipeline.errors import ConfigError
+
+        raise ConfigError(
+            f"invalid config: model.hidden_dims has {cfg.n_layers} layer(s) but this DAG was "
+            f"built for {expected_layers}; set SAE_CONFIG to a config with that many layers"
+        )
+    # Resolve the store and the tracking URI now, so every task on every worker uses the same.
+    cfg = cfg.model_copy(
+        update={
+            "artifacts_root": storage.normalize_root(cfg.artifacts_root),
+            "registry": cfg.registry.model_copy(
+                update={"tracking_uri": tracking.tracking_uri(cfg)}
+            ),
+        }
+    )
+    key = storage.run_key(run_id)
+    run_dir = storage.run_dir(cfg.artifacts_root, key)
+    config_uri = storage.join(run_dir, "config.json")
+    storage.write_json(config_uri, cfg.model_dump(mode="json"))
+    mlflow_run_id = tracking.find_or_create_run(
+        cfg,
+        key,
+        tags={
+            "sae.dag_run_id": run_id,
+            "sae.config_hash": cfg.config_hash(),
+            "sae.code_version": code_version(),
+        },
+    )
+    log.info("run %s: MLflow run %s, artifacts %s", key, mlflow_run_id, run_dir)
+    return {
+        "run_key": key,
+        "run_id": run_id,
+        "run_dir": run_dir,
+        "config_uri": config_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": cfg.registry.tracking_uri,
+    }
+
+
+# ---- data -------------------------------------------------------------------------------------
+def ingest(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Read the source once and keep it, unmodified, as the run's raw snapshot."""
+    from sae_pipeline.data import content_hash, read_source
+
+    cfg = config_of(ctx)
+    out = _uri(ctx, "ingest", "raw.parquet")
+    manifest_uri = _uri(ctx, "ingest", "manifest.json")
+    if storage.exists(manifest_uri):
+        return storage.read_json(manifest_uri)
+    frame = read_source(cfg.data)
+    storage.write_parquet(out, frame)
+    manifest = {"raw": out, "rows_in": len(frame), "raw_hash": content_hash(frame)}
+    storage.write_json(manifest_uri, manifest)
+    log.info("ingested %d rows from %s", len(frame), cfg.data.source)
+    return manifest
+
+
+def validate(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Check the snapshot against the data contract; write the accepted rows and the manifest."""
+    from sae_pipeline import tracking
+    from sae_pipeline.data import content_hash, infer_contract, validate_frame
+
+    cfg = config_of(ctx)
+    manifest_uri = _uri(ctx, "validate", "manifest.json")
+    if storage.exists(manifest_uri):
+        return storage.read_json(manifest_uri)
+    frame = storage.read_parquet(_uri(ctx, "ingest", "raw.parquet"))
+    contract = infer_contract(frame, cfg.data)
+    validate_frame(frame, contract)
+    keep = [*contract.feature_columns]
+    keep += [c for c in (contract.label_column, contract.id_column) if c is not None]
+    accepted = frame[keep]
+    snapshot = _uri(ctx, "validate", "snapshot.parquet")
+    storage.write_parquet(snapshot, accepted)
+    manifest = {
+        "snapshot": snapshot,
+        "rows_in": len(frame),
+        "rows_accepted": len(accepted),
+        "rows_quarantined": len(frame) - len(accepted),
+        "content_hash": content_hash(accepted),
+        "contract": contract.to_dict(),
+    }
+    storage.write_json(manifest_uri, manifest)
+    tracking.log_metrics(
+        cfg,
+        ctx["mlflow_run_id"],
+        {k: manifest[k] for k in ("rows_in", "rows_accepted", "rows_quarantined")},
+    )
+    tracking.set_run_tags(cfg, ctx["mlflow_run_id"], {"sae.data_hash": manifest["content_hash"]})
+    return {k: v for k, v in manifest.items() if k != "contract"}
+
+
+def split(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Deterministic train/validation/test split of the accepted rows."""
+    from sae_pipeline.data import split_indices
+
+    cfg = config_of(ctx)
+    out = _uri(ctx, "split", "indices.npz")
+    if not storage.exists(out):
+        manifest = storage.read_json(_uri(ctx, "validate", "manifest.json"))
+        frame = storage.read_parquet(manifest["snapshot"])
+        label = manifest["contract"]["label_column"]
+        labels = frame[label].to_numpy() if label else None
+        storage.write_arrays(out, **split_indices(len(frame), labels, cfg.split))
+    idx = storage.read_arrays(out)
+    return {"indices": out, **{f"rows_{k}": len(v) for k, v in idx.items()}}
+
+
+def _dataset(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Features and labels of each part, unscaled, from the snapshot and the split."""
+    import numpy as np
+
+    manifest = storage.read_json(_uri(ctx, "validate", "manifest.json"))
+    contract = manifest["contract"]
+    frame = storage.read_parquet(manifest["snapshot"])
+    idx = storage.read_arrays(_uri(ctx, "split", "indices.npz"))
+    x = frame[contract["feature_columns"]].to_numpy(dtype=np.float64)
+    y = frame[contract["label_column"]].to_numpy() if contract["label_column"] else None
+    data: dict[str, Any] = {"frame": frame, "contract": contract}
+    for part, ix in idx.items():
+        data[f"x_{part}"] = x[ix]
+        data[f"y_{part}"] = y[ix] if y is not None else None
+    return data
+
+
+def fit_scaler(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Fit the scaler on the training part only and store it with the scaled parts."""
+    from sae_pipeline.scaling import apply_scaler
+    from sae_pipeline.scaling import fit_scaler as fit
+
+    cfg = config_of(ctx)
+    scaler_uri, scaled_uri = _uri(ctx, "scaler", "scaler.joblib"), _uri(ctx, "scaler", "scaled.npz")
+    if not storage.exists(scaled_uri):
+        data = _dataset(ctx)
+        scaler = fit(cfg.scaler.kind, data["x_train"])
+        storage.write_pickle(scaler_uri, scaler)
+        storage.write_arrays(
+            scaled_uri,
+            **{p: apply_scaler(scaler, data[f"x_{p}"]) for p in ("train", "val", "test")},
+        )
+    return {"scaler": scaler_uri, "scaled": scaled_uri, "kind": cfg.scaler.kind}
+
+
+# ---- training ---------------------------------------------------------------------------------
+def architecture(cfg: PipelineConfig, input_dim: int):
+    from sae_pipeline.model import Architecture
+
+    m = cfg.model
+    return Architecture(
+        input_dim=input_dim,
+        hidden_dims=list(m.hidden_dims),
+        activation=m.activation,
+        code_activation=m.code_activation,
+        output_activation=cfg.output_activation(),
+        dropout=m.dropout,
+        batch_norm=m.batch_norm,
+        tied_weights=m.tied_weights,
+    )
+
+
+def _layer_state(net, k: int) -> dict[str, Any]:
+    prefixes = (f"encoders.{k}.", f"decoders.{k}.", f"norms.{k}.", f"decoder_biases.{k}")
+    return {n: t for n, t in net.state_dict().items() if n.startswith(prefixes)}
+
+
+def _stack(ctx: dict[str, Any], cfg: PipelineConfig, input_dim: int, layers: int):
+    """A network with the pretrained weights of layers 0..layers-1 loaded."""
+    from sae_pipeline.model import build_net
+
+    net = build_net(architecture(cfg, input_dim), seed=cfg.training.seed)
+    for j in range(layers):
+        state = storage.read_torch(_uri(ctx, "pretrain", f"layer_{j + 1}.pt"))["state_dict"]
+        net.load_state_dict(state, strict=False)
+    return net
+
+
+def pretrain_layer(ctx: dict[str, Any], layer: int) -> dict[str, Any]:
+    """Greedy step for ``layer`` (1-based): train it on the codes of frozen layers below."""
+    from sae_pipeline import tracking, trainer
+
+    cfg = config_of(ctx)
+    out = _uri(ctx, "pretrain", f"layer_{layer}.pt")
+    if storage.exists(out):
+        return storage.read_torch(out)["summary"]
+    device = trainer.resolve_device(cfg.training.device)
+    scaled = storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
+    net = _stack(ctx, cfg, scaled["train"].shape[1], layer - 1).to(device)
+    checkpoint = None
+    if storage.is_local(cfg.artifacts_root):
+        checkpoint = storage.local_path(_uri(ctx, "pretrain", f"layer_{layer}.ckpt"))
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    hist = trainer.pretrain_layer(
+        net,
+        layer - 1,
+        trainer.as_tensor(scaled["train"], device),
+        trainer.as_tensor(scaled["val"], device),
+        cfg.training.pretrain,
+        cfg.model,
+        seed=cfg.training.seed + layer,
+        amp=cfg.training.amp,
+        checkpoint=checkpoint,
+    )
+    tracking.log_history(cfg, ctx["mlflow_run_id"], f"pretrain_layer{layer}", hist.to_dict())
+    summary = {
+        "layer": layer,
+        "checkpoint": out,
+        "epochs_run": len(hist.val_loss),
+        "best_epoch": hist.best_epoch + 1,
+        "best_val_loss": hist.best_val_loss,
+        "device": device.type,
+        "seconds": round(hist.seconds, 3),
+    }
+    net = net.cpu()
+    storage.write_torch(out, {"state_dict": _layer_state(net, layer - 1), "summary": summary})
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    tracking.log_metrics(
+        cfg, ctx["mlflow_run_id"], {f"pretrain_layer{layer}_best_val_loss": hist.best_val_loss}
+    )
+    return summary
+
+
+def finetune(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Stack the pretrained layers and fine-tune the whole autoencoder end to end."""
+    from sae_pipeline import tracking, trainer
+    from sae_pipeline.model import save_net
+
+    cfg = config_of(ctx)
+    out = _uri(ctx, "finetune", "model.pt")
+    summary_uri = _uri(ctx, "finetune", "summary.json")
+    if storage.exists(summary_uri):
+        return storage.read_json(summary_uri)
+    device = trainer.resolve_device(cfg.training.device)
+    scaled = storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
+    net = _stack(ctx, cfg, scaled["train"].shape[1], cfg.n_layers)
+    pretrained = _uri(ctx, "finetune", "pretrained.pt")
+    if not storage.exists(pretrained):
+        storage.write_torch(
+            pretrained, {"arch": net.arch.to_dict(), "state_dict": net.state_dict()}
+        )
+    net = net.to(device)
+    checkpoint = None
+    if storage.is_local(cfg.artifacts_root):
+        checkpoint = storage.local_path(_uri(ctx, "finetune", "finetune.ckpt"))
+    hist = trainer.finetune(
+        net,
+        trainer.as_tensor(scaled["train"], device),
+        trainer.as_tensor(scaled["val"], device),
+        cfg.training.finetune,
+        cfg.model,
+        seed=cfg.training.seed + 1000,
+        amp=cfg.training.amp,
+        checkpoint=checkpoint,
+    )
+    tracking.log_history(cfg, ctx["mlflow_run_id"], "finetune", hist.to_dict())
+    net = net.cpu()
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    save_net(net, buf)
+    storage.write_bytes(out, buf.getvalue())
+    summary = {
+        "model": out,
+        "pretrained": pretrained,
+        "epochs_run": len(hist.val_loss),
+        "best_epoch": hist.best_epoch + 1,
+        "best_val_loss": hist.best_val_loss,
+        "device": device.type,
+        "seconds": round(hist.seconds, 3),
+        "torch": torch.__version__,
+    }
+    storage.write_json(summary_uri, summary)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    tracking.log_metrics(cfg, ctx["mlflow_run_id"], {"finetune_best_val_loss": hist.best_val_loss})
+    return summary
+
+
+def load_trained(ctx: dict[str, Any], which: str = "model"):
+    """The fine-tuned (``model``) or pretrain-only (``pretrained``) network of a run."""
+    from sae_pipeline.model import load_net
+
+    return load_net(storage.read_torch(_uri(ctx, "finetune", f"{which}.pt")))
+
+
+def load_encoder(ctx: dict[str, Any]):
+    """The run's trained ``Encoder``: contract, fitted scaler and fine-tuned network."""
+    from sae_pipeline.data import Contract
+    from sae_pipeline.serving import Encoder
+
+    manifest = storage.read_json(_uri(ctx, "validate", "manifest.json"))
+    return Encoder(
+        Contract.from_dict(manifest["contract"]),
+        storage.read_pickle(_uri(ctx, "scaler", "scaler.joblib")),
+        load_trained(ctx),
+    )
+
+
+# ---- evaluation and registry ------------------------------------------------------------------
+def evaluate(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Test reconstruction and probe accuracy: SAE codes vs raw features vs PCA."""
+    from sae_pipeline import tracking, trainer
+    from sae_pipeline.evaluation import evaluate_features, reconstruction_errors
+
+    cfg = config_of(ctx)
+    out = _uri(ctx, "evaluate", "metrics.json")
+    if storage.exists(out):
+        return storage.read_json(out)
+    scaled = storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
+    data = _dataset(ctx)
+    net, pretrained = load_trained(ctx, "model"), load_trained(ctx, "pretrained")
+    x_train, x_test = scaled["train"], scaled["test"]
+    metrics = evaluate_features(
+        x_train,
+        x_test,
+        trainer.encode_array(net, x_train),
+        trainer.encode_array(net, x_test),
+        trainer.reconstruct_array(net, x_test),
+        data["y_train"],
+        data["y_test"],
+        cfg.evaluation.probe_max_iter,
+        cfg.training.seed,
+    )
+    pre = reconstruction_errors(x_test, trainer.reconstruct_array(pretrained, x_test))
+    metrics["pretrain_only_test_mse"] = pre["mse"]
+    metrics["pretrain_only_test_mae"] = pre["mae"]
+    metrics["rows_test"] = len(x_test)
+    storage.write_json(out, metrics)
+    tracking.log_metrics(cfg, ctx["mlflow_run_id"], metrics)
+    log.info("evaluation: %s", metrics)
+    return metrics
+
+
+def register(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Register encoder bundle and scaler as new versions and give them the alias challenger."""
+    from sae_pipeline import tracking
+
+    cfg = config_of(ctx)
+    manifest = storage.read_json(_uri(ctx, "validate", "manifest.json"))
+    encoder = load_encoder(ctx)
+    data = _dataset(ctx)
+    example = data["frame"].iloc[:20][encoder.contract.feature_columns]
+    lineage = {
+        "sae.data_hash": manifest["content_hash"],
+        "sae.dag_run_id": ctx["run_id"],
+        "sae.code_version": code_version(),
+        "sae.config_hash": cfg.config_hash(),
+        "sae.mlflow_run_id": ctx["mlflow_run_id"],
+    }
+    versions = tracking.register_encoder(
+        cfg, ctx["mlflow_run_id"], ctx["run_key"], encoder, example, lineage
+    )
+    names = {"encoder": cfg.registry.encoder_model_name, "scaler": cfg.registry.scaler_model_name}
+    for role, name in names.items():
+        tracking.set_alias(cfg, name, tracking.CHALLENGER, versions[role])
+    return {
+        "encoder_model_name": names["encoder"],
+        "scaler_model_name": names["scaler"],
+        "encoder_version": versions["encoder"],
+        "scaler_version": versions["scaler"],
+    }
+
+
+def gate_decision(
+    challenger: dict[str, float], champion: dict[str, float] | None, cfg: PipelineConfig
+) -> tuple[bool, str]:
+    """Whether the challenger may replace the champion, and why (pure: no MLflow here)."""
+    if champion is None:
+        return True, "no champion yet"
+    gate = cfg.registry.gate
+    reasons = []
+    ch_acc, cur_acc = challenger.get("probe_accuracy_sae"), champion.get("probe_accuracy_sae")
+    comparable = ch_acc is not None and cur_acc is not None
+    if comparable and ch_acc < cur_acc - gate.max_probe_accuracy_drop - 1e-12:
+        reasons.append(
+            f"probe accuracy {ch_acc:.4f} is below the champion's {cur_acc:.4f}"
+            f" (allowed drop {gate.max_probe_accuracy_drop:g})"
+        )
+    ch_mse, cur_mse = challenger["test_mse"], champion["test_mse"]
+    limit = cur_mse * (1.0 - gate.min_relative_mse_improvement)
+    if not ch_mse < limit:
+        reasons.append(f"test MSE {ch_mse:.6f} is not below {limit:.6f} (champion {cur_mse:.6f})")
+    if reasons:
+        return False, "; ".join(reasons)
+    acc = f", probe accuracy {ch_acc:.4f} vs {cur_acc:.4f}" if ch_acc is not None else ""
+    return True, f"test MSE {ch_mse:.6f} < {cur_mse:.6f}{acc}"
+
+
+def promote(ctx: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
+    """Make the challenger champion if it passes the gate; record the decision on the version."""
+    from sae_pipeline import tracking
+
+    cfg = config_of(ctx)
+    c = tracking.client(cfg)
+    enc_name, sc_name = registered["encoder_model_name"], registered["scaler_model_name"]
+    version = registered["encoder_version"]
+    challenger = storage.read_json(_uri(ctx, "evaluate", "metrics.json"))
+    current = tracking.alias_version(c, enc_name, tracking.CHAMPION)
+    champion_metrics = None
+    if current is not None and str(current.version) == version:
+        return {"promoted": True, "reason": "already champion", "champion_version": version}
+    if current is not None:
+        champion_metrics = c.get_run(current.run_id).data.metrics
+    promoted, reason = gate_decision(challenger, champion_metrics, cfg)
+    decision = "promoted" if promoted else "rejected"
+    for name, v in ((enc_name, version), (sc_name, registered["scaler_version"])):
+        c.set_model_version_tag(name, v, "sae.gate.decision", decision)
+        c.set_model_version_tag(name, v, "sae.gate.reason", reason)
+        if current is not None:
+            c.set_model_version_tag(name, v, "sae.gate.compared_to", str(current.version))
+    if promoted:
+        tracking.set_alias(cfg, enc_name, tracking.CHAMPION, version)
+        tracking.set_alias(cfg, sc_name, tracking.CHAMPION, registered["scaler_version"])
+    tracking.set_run_tags(
+        cfg, ctx["mlflow_run_id"], {"sae.gate.decision": decision, "sae.gate.reason": reason}
+    )
+    champion = version if promoted else (str(current.version) if current else None)
+    log.info("gate: %s (%s); champion is version %s", decision, reason, champion)
+    return {"promoted": promoted, "reason": reason, "champion_version": champion}

@@ -1,0 +1,130 @@
+"""The artifact store: one root URI (local folder or fsspec URL), scoped by run.
+
+``<root>/runs/<run key>/<step>/...``. Every write is atomic: local files are written to a
+temporary name and renamed; object stores (s3://, gs://) make a PUT visible all at once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://")).resolve()
+
+
+def normalize_root(root: str) -> str:
+    """Local roots become absolute paths, so every task on every worker agrees on them."""
+    return str(local_path(root)) if is_local(root) else root.rstrip("/")
+
+
+def run_key(run_id: str) -> str:
+    """A file-name-safe key for an Airflow run id (``manual__2026-01-01T00:00:00+00:00``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id).strip("_") or "run"
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts if p)
+
+
+def run_dir(root: str, key: str, step: str = "") -> str:
+    return join(normalize_root(root), "runs", key, step)
+
+
+def exists(uri: str) -> bool:
+    if is_local(uri):
+        return local_path(uri).exists()
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+def write_bytes(uri: str, data: bytes) -> str:
+    if is_local(uri):
+        path = local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return str(path)
+    with fsspec.open(uri, "wb") as fh:
+        fh.write(data)
+    return uri
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_local(uri):
+        return local_path(uri).read_bytes()
+    with fsspec.open(uri, "rb") as fh:
+        return fh.read()
+
+
+def write_json(uri: str, obj: Any) -> str:
+    return write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_arrays(uri: str, **arrays: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return write_bytes(uri, buf.getvalue())
+
+
+def read_arrays(uri: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def write_parquet(uri: str, frame) -> str:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str):
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(read_bytes(uri)))
+
+
+def write_torch(uri: str, obj: Any) -> str:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return write_bytes(uri, buf.getvalue())
+
+
+def read_torch(uri: str) -> Any:
+    import torch
+
+    return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
+
+
+def write_pickle(uri: str, obj: Any) -> str:
+    import joblib
+
+    buf = io.BytesIO()
+    joblib.dump(obj, buf)
+    return write_bytes(uri, buf.getvalue())
+
+
+def read_pickle(uri: str) -> Any:
+    import joblib
+
+    return joblib.load(io.BytesIO(read_bytes(uri)))

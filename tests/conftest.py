@@ -1,0 +1,51 @@
+"""Shared fixtures. Airflow is pointed at a throwaway home before anything imports it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny settings for pipeline runs in tests: real training, seconds not minutes.
+TINY = {
+    "model.hidden_dims": [16, 4],
+    "training.pretrain.epochs": 2,
+    "training.finetune.epochs": 2,
+}
+
+
+def pytest_configure(config):
+    home = Path(tempfile.mkdtemp(prefix="sae-airflow-"))
+    from sae_pipeline.demo import airflow_env
+
+    os.environ.update(airflow_env(home, REPO / "dags"))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("SAE_CONFIG", None)
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A migrated SQLite metadata database for dag.test()."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
+    return os.environ["AIRFLOW_HOME"]
+
+
+@pytest.fixture
+def store(tmp_path):
+    """Overrides that put artifacts and a SQLite MLflow store under a fresh folder."""
+    root = tmp_path / "artifacts"
+    return {
+        "artifacts_root": str(root),
+        "registry.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
