@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric
-
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Metric
+
 from sae_pipeline import storage
 from sae_pipeline.config import PipelineConfig
 from sae_pipeline.errors import RegistryError
