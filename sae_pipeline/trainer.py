@@ -39,6 +39,7 @@ class History:
     val_loss: list[float] = field(default_factory=list)
     best_epoch: int = -1
     seconds: float = 0.0
+    step_seconds: float = 0.0  # time inside optimisation steps only (throughput measurements)
     samples_seen: int = 0
 
     @property
@@ -51,6 +52,7 @@ class History:
             "val_loss": self.val_loss,
             "best_epoch": self.best_epoch,
             "seconds": self.seconds,
+            "step_seconds": self.step_seconds,
             "samples_seen": self.samples_seen,
         }
 
@@ -156,6 +158,81 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# ---- the fast path ----------------------------------------------------------------------------
+_BACKWARD = {
+    # gradient wrt the pre-activation, from the gradient wrt the output and the output itself:
+    # the same aten kernels autograd calls, one op each and written in place where possible.
+    "relu": lambda g, out: torch.ops.aten.threshold_backward(g, out, 0.0),
+    "leaky_relu": lambda g, out: torch.ops.aten.leaky_relu_backward(g, out, 0.01, True),
+    "tanh": lambda g, out: torch.ops.aten.tanh_backward(g, out),
+    "sigmoid": lambda g, out: torch.ops.aten.sigmoid_backward(g, out),
+    "linear": lambda g, out: g,
+}
+_FORWARD_INPLACE = {
+    "relu": torch.relu_,
+    "leaky_relu": lambda z: F.leaky_relu_(z, 0.01),
+    "tanh": torch.tanh_,
+    "sigmoid": torch.sigmoid_,
+    "linear": lambda z: z,
+}
+
+
+class Layer(tuple):
+    """(weight, bias, activation) of one dense layer in a chain."""
+
+    __slots__ = ()
+
+    def __new__(cls, weight: torch.Tensor, bias: torch.Tensor, activation: str):
+        return super().__new__(cls, (weight, bias, activation))
+
+
+class ManualChain:
+    """Forward and backward of a chain of dense layers without autograd.
+
+    On small models a training step is dominated by per-op overhead (autograd graph,
+    allocator, optimizer bookkeeping), not by arithmetic. This computes the same gradients
+    with preallocated buffers and one aten kernel per operation, and leaves them in each
+    parameter's ``.grad`` so the usual optimizer (fused Adam) applies them.
+    """
+
+    def __init__(self, layers: list[Layer], batch: int, code_index: int, model: ModelConfig):
+        self.layers = layers
+        self.code_index = code_index
+        self.l1 = model.sparsity_weight if model.sparsity == "l1" else 0.0
+        w0 = layers[0][0]
+        kw = {"device": w0.device, "dtype": w0.dtype}
+        self.out = [torch.empty(batch, w.shape[0], **kw) for w, _, _ in layers]  # (batch, out_i)
+        self.grad_in = [torch.empty(batch, w.shape[1], **kw) for w, _, _ in layers]
+        for w, b, _ in layers:
+            for p in (w, b):
+                p.grad = torch.zeros_like(p)
+
+    @staticmethod
+    def supported(model: ModelConfig, amp_on: bool) -> bool:
+        return not amp_on and model.dropout == 0 and model.sparsity in ("none", "l1")
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Fill the parameters' grads for MSE(chain(x), target); return the loss."""
+        h = x
+        for (w, b, act), out in zip(self.layers, self.out, strict=True):
+            torch.addmm(b, h, w.t(), out=out)
+            h = _FORWARD_INPLACE[act](out)
+        loss = torch.ops.aten.mse_loss(h, target, 1)
+        g = torch.ops.aten.mse_loss_backward(torch.ones((), device=h.device), h, target, 1)
+        for i in reversed(range(len(self.layers))):
+            w, b, act = self.layers[i]
+            if i == self.code_index and self.l1:
+                g = g + (self.l1 / self.out[i].numel()) * torch.sign(self.out[i])
+            dz = _BACKWARD[act](g, self.out[i])  # (batch, out_i)
+            prev = x if i == 0 else self.out[i - 1]
+            torch.mm(dz.t(), prev, out=w.grad)
+            torch.sum(dz, 0, out=b.grad)
+            if i > 0:
+                g = torch.mm(dz, w, out=self.grad_in[i])
+        return loss  # reconstruction only: a sparsity penalty is not part of the reported loss
+
+
 def train_phase(
     net: StackedAutoencoderNet,
     forward: ForwardFn,
@@ -171,11 +248,15 @@ def train_phase(
     checkpoint: Path | None = None,
     checkpoint_every: int = 5,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    chain: tuple[list[Layer], int] | None = None,
+    fast: bool = True,
 ) -> History:
     """Train ``params`` to reconstruct ``x_train`` through ``forward``; return the history.
 
     ``forward(x)`` gives ``(reconstruction, code)``. With ``checkpoint`` set, state is saved
-    every ``checkpoint_every`` epochs and a run finding the file resumes from it.
+    every ``checkpoint_every`` epochs and a run finding the file resumes from it. ``chain``
+    (the dense layers ``forward`` applies, and the index of the code layer) enables the
+    autograd-free fast path where the configuration allows it; ``fast=False`` turns it off.
     """
     device = x_train.device
     torch.manual_seed(seed)  # dropout draws from the global generator
@@ -188,6 +269,9 @@ def train_phase(
     n, bs = len(x_train), min(phase.batch_size, len(x_train))
     x_check = x_val if x_val is not None and len(x_val) else x_train
     use_amp = amp and device.type == "cuda"
+    manual = None
+    if fast and chain is not None and ManualChain.supported(model, use_amp):
+        manual = ManualChain(chain[0], bs, chain[1], model)
 
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -207,17 +291,24 @@ def train_phase(
         net.train()
         perm = torch.randperm(n, generator=gen, device=device)
         running, steps = torch.zeros((), device=device), 0
+        t_steps = time.perf_counter()
         for i in range(0, n - bs + 1, bs):  # drop the ragged last batch: steady step cost
             xb = x_train[perm[i : i + bs]]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                recon, code = forward(corrupt(xb, model, gen))
-                loss = F.mse_loss(recon.float(), xb)
-                total = loss + sparsity_penalty(code, model)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
+            if manual is not None:
+                loss = manual.step(corrupt(xb, model, gen), xb)
+            else:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    recon, code = forward(corrupt(xb, model, gen))
+                    loss = F.mse_loss(recon.float(), xb)
+                    total = loss + sparsity_penalty(code, model)
+                opt.zero_grad(set_to_none=True)
+                total.backward()
             opt.step()
             running += loss.detach()
             steps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        hist.step_seconds += time.perf_counter() - t_steps
         if sched is not None:
             sched.step()
         net.eval()
@@ -263,6 +354,21 @@ def train_phase(
 
 
 # ---- the two phases ---------------------------------------------------------------------------
+def _dense_chain(net: StackedAutoencoderNet, layers: list[int]) -> tuple[list[Layer], int] | None:
+    """The fast path's view of encoders ``layers`` then their decoders in reverse order."""
+    if net.arch.batch_norm or net.arch.tied_weights:
+        return None
+    enc = [
+        Layer(net.encoders[k].weight, net.encoders[k].bias, net.encoder_activation(k))
+        for k in layers
+    ]
+    dec = [
+        Layer(net.decoders[k].weight, net.decoders[k].bias, net.decoder_activation(k))
+        for k in reversed(layers)
+    ]
+    return enc + dec, len(layers) - 1
+
+
 @torch.no_grad()
 def layer_inputs(net: StackedAutoencoderNet, k: int, x: torch.Tensor, batch: int = 8192):
     """Codes of the frozen layers 0..k-1 for ``x``: the training input of layer k."""
@@ -324,7 +430,7 @@ def finetune(
     """End-to-end training of the whole stack on reconstruction of the input."""
     return train_phase(
         net, net, list(net.parameters()), x_train, x_val, phase, model, seed, desc="fine-tune",
-        **kwargs,
+        chain=_dense_chain(net, list(range(net.arch.n_layers))), **kwargs,
     )  # fmt: skip
 
 
