@@ -103,9 +103,15 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
 
         @task
         def validate(ctx: dict) -> dict:
-            from sae_pipeline import steps
+            from airflow.sdk.exceptions import AirflowFailException
 
-            return steps.validate(ctx)
+            from sae_pipeline import steps
+            from sae_pipeline.errors import DataError
+
+            try:
+                return steps.validate(ctx)
+            except DataError as err:  # bad data stays bad: fail now, no retries
+                raise AirflowFailException(str(err)) from err
 
         @task
         def split(ctx: dict) -> dict:
@@ -118,6 +124,18 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
             from sae_pipeline import steps
 
             return steps.fit_scaler(ctx)
+
+        @task(queue=heavy_queue)
+        def try_candidate(ctx: dict, candidate: dict) -> dict:
+            from sae_pipeline import steps
+
+            return steps.try_candidate(ctx, candidate)
+
+        @task
+        def select_candidate(ctx: dict, results: list[dict]) -> dict:
+            from sae_pipeline import steps
+
+            return steps.select_candidate(ctx, list(results))
 
         @task(queue=heavy_queue)
         def pretrain_layer(ctx: dict, layer: int) -> dict:
@@ -150,22 +168,21 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
             return steps.promote(ctx, registered)
 
         ctx = prepare()
+        scaled = fit_scaler(ctx)
+        chain(ingest(ctx), validate(ctx), split(ctx), scaled)
+        train_ctx = ctx
+        if cfg.selection.candidates:
+            # One mapped task per candidate; the winner's config is what the layers train.
+            scores = try_candidate.partial(ctx=ctx).expand(candidate=cfg.selection.candidates)
+            scaled >> scores
+            train_ctx = select_candidate(ctx, scores)
         layers = [
-            pretrain_layer.override(task_id=f"pretrain_layer_{k}")(ctx, k)
+            pretrain_layer.override(task_id=f"pretrain_layer_{k}")(train_ctx, k)
             for k in range(1, n_layers + 1)
         ]
-        registered = register(ctx)
-        chain(
-            ingest(ctx),
-            validate(ctx),
-            split(ctx),
-            fit_scaler(ctx),
-            *layers,
-            finetune(ctx),
-            evaluate(ctx),
-            registered,
-        )
-        promote(ctx, registered)
+        registered = register(train_ctx)
+        chain(scaled, *layers, finetune(train_ctx), evaluate(train_ctx), registered)
+        promote(train_ctx, registered)
 
     return sae_training()
 

@@ -56,6 +56,32 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# ingest flags -> the config fields they set
+INGEST_FLAGS = {
+    "source": "data.source",
+    "format": "data.format",
+    "query": "data.query",
+    "contract": "data.contract",
+    "label_column": "data.label_column",
+    "id_column": "data.id_column",
+}
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from sae_pipeline import snapshot, storage
+    from sae_pipeline.config import load_config
+
+    overrides = _set_overrides(args.set)
+    for flag, field in INGEST_FLAGS.items():
+        if getattr(args, flag) is not None:
+            overrides[field] = getattr(args, flag)
+    cfg = load_config(args.config, **overrides)
+    out_dir = storage.normalize_root(args.output)
+    manifest = snapshot.ingest(cfg.data, out_dir)
+    print(json.dumps({"output": out_dir, **snapshot.summary(manifest, out_dir)}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -71,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--run-id", default="cli", help="run id: the same id resumes that run")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "ingest",
+        help="validate a data source and write a snapshot, its quarantine and its manifest",
+    )
+    p.add_argument("--source", help="CSV/Parquet path or URL, SQLAlchemy URL, sklearn://<name>")
+    p.add_argument("--output", required=True, help="folder for the snapshot (path or URL)")
+    p.add_argument("--format", help="csv, parquet, sql or sklearn (default: guessed)")
+    p.add_argument("--query", help="SQL query, when --source is a database URL")
+    p.add_argument("--contract", help="contract.json or manifest.json to validate against")
+    p.add_argument("--label-column", help="label column (default: target, when present)")
+    p.add_argument("--id-column", help="id column carried through untouched")
+    p.add_argument("--config", help="YAML config whose data section applies")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("config", help="validate a config and print it resolved")
     p.add_argument("--config", help="YAML config (default: the embedded digits demo)")

@@ -27,6 +27,51 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+RowPolicy = Literal["reject", "quarantine"]
+
+
+class ValidationConfig(_Section):
+    """What to do with each kind of bad input: fail the batch, or quarantine the bad rows.
+
+    Row problems (a bad value in some rows) can be quarantined: those rows go to the
+    quarantine file with a reason each, the rest is accepted. Column problems (a missing,
+    extra or reordered column) concern every row, so the batch passes or fails as a whole.
+    """
+
+    non_numeric: RowPolicy = Field(
+        "quarantine", description="A feature value that is not a number."
+    )
+    missing_values: RowPolicy = Field(
+        "quarantine", description="An empty/NaN feature value, or a missing label or id."
+    )
+    infinite_values: RowPolicy = Field("quarantine", description="+inf or -inf in a feature.")
+    out_of_range: Literal["reject", "quarantine", "accept"] = Field(
+        "quarantine",
+        description="A value far outside the training range recorded in the contract "
+        "(only when validating against an existing contract).",
+    )
+    range_tolerance: Annotated[float, Field(ge=0.0, le=1e6, allow_inf_nan=False)] = Field(
+        1.0,
+        description="How far outside [min, max] of training is 'far': this many times the "
+        "training range (max - min).",
+    )
+    duplicate_ids: RowPolicy = Field(
+        "quarantine", description="A repeated value of the id column (the first is kept)."
+    )
+    extra_columns: Literal["reject", "ignore"] = Field(
+        "reject", description="Columns the contract does not know (ignore drops them)."
+    )
+    column_order: Literal["reject", "reorder"] = Field(
+        "reorder", description="The contract's columns in another order."
+    )
+    constant_columns: Literal["reject", "warn"] = Field(
+        "warn", description="A feature with one value in every accepted row."
+    )
+    max_quarantine_fraction: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = Field(
+        0.1, description="The batch fails when a larger share of its rows is quarantined."
+    )
+
+
 class DataConfig(_Section):
     """Where the data comes from and which columns mean what."""
 
@@ -42,6 +87,34 @@ class DataConfig(_Section):
     feature_columns: list[str] | None = Field(
         None, description="Feature columns; default: every numeric column but label and id."
     )
+    contract: str | None = Field(
+        None,
+        description="A data contract to validate against (contract.json, or the manifest.json "
+        "of an earlier snapshot); default: record a new one from this data.",
+    )
+    snapshot_shard_rows: Annotated[int, Field(gt=0)] = Field(
+        1_000_000, description="A snapshot larger than this is written as a folder of shards."
+    )
+    validation: ValidationConfig = ValidationConfig()
+
+    @model_validator(mode="after")
+    def _consistent_columns(self) -> DataConfig:
+        if self.feature_columns is not None:
+            if not self.feature_columns:
+                raise ValueError("data.feature_columns is empty; leave it unset to use all")
+            dupes = sorted({c for c in self.feature_columns if self.feature_columns.count(c) > 1})
+            if dupes:
+                raise ValueError(f"data.feature_columns repeats {', '.join(map(repr, dupes))}")
+            for role in ("label_column", "id_column"):
+                if getattr(self, role) in self.feature_columns:
+                    raise ValueError(
+                        f"data.{role} {getattr(self, role)!r} is also in data.feature_columns"
+                    )
+        if self.id_column is not None and self.id_column == self.label_column:
+            raise ValueError(f"data.id_column and data.label_column are both {self.id_column!r}")
+        if self.format == "sql" and not self.query:
+            raise ValueError("data.format is 'sql' but data.query is empty")
+        return self
 
 
 class SplitConfig(_Section):
@@ -71,7 +144,7 @@ class ScalerConfig(_Section):
 class ModelConfig(_Section):
     """Architecture of the stacked autoencoder."""
 
-    hidden_dims: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = [64, 10]
+    hidden_dims: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = [256, 64, 10]
     activation: Activation = "relu"
     code_activation: Activation = Field(
         "linear", description="Activation of the code layer; linear keeps every unit alive."
@@ -82,8 +155,10 @@ class ModelConfig(_Section):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     batch_norm: bool = False
     tied_weights: bool = False
-    noise: Literal["none", "gaussian", "masking"] = "none"
-    noise_level: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # Denoising (Gaussian, sigma 0.3 on [0, 1] data) is what lifts the codes above PCA's on
+    # the probe; see bench/bench_quality.py.
+    noise: Literal["none", "gaussian", "masking"] = "gaussian"
+    noise_level: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
     sparsity: Literal["none", "l1", "kl"] = "none"
     sparsity_weight: Annotated[float, Field(ge=0.0)] = 0.0
     sparsity_target: Fraction = 0.05
@@ -99,7 +174,9 @@ class PhaseConfig(_Section):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     lr_schedule: Literal["constant", "cosine", "step"] = "constant"
     patience: Annotated[int, Field(ge=0)] = Field(
-        10, description="Early stopping on validation loss; 0 turns it off."
+        0,
+        description="Early stopping after this many epochs without a better validation loss; "
+        "0 turns it off. The best epoch's weights are kept either way.",
     )
 
 
@@ -107,7 +184,7 @@ class TrainingConfig(_Section):
     """Both training phases and where they run."""
 
     pretrain: PhaseConfig = PhaseConfig(epochs=40, learning_rate=3e-3)
-    finetune: PhaseConfig = PhaseConfig(epochs=120, learning_rate=1e-3)
+    finetune: PhaseConfig = PhaseConfig(epochs=400, learning_rate=2e-3, lr_schedule="cosine")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="Mixed precision on CUDA; ignored on CPU.")
@@ -142,6 +219,18 @@ class RegistryConfig(_Section):
     gate: GateConfig = GateConfig()
 
 
+class SelectionConfig(_Section):
+    """Hyperparameter selection by validation probe accuracy (empty: train the config as is).
+
+    Each candidate is a set of dotted overrides, e.g. ``{"model.hidden_dims": [64, 8]}``.
+    The training DAG trains every candidate in parallel (dynamic task mapping), records each
+    in MLflow, and carries the winner on to pretraining and fine-tuning.
+    """
+
+    candidates: list[dict[str, Any]] = []
+    metric: Literal["probe_accuracy", "val_mse"] = "probe_accuracy"
+
+
 class PipelineConfig(_Section):
     """Everything one training run needs."""
 
@@ -155,6 +244,7 @@ class PipelineConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
+    selection: SelectionConfig = SelectionConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -167,6 +257,14 @@ class PipelineConfig(_Section):
             raise ValueError("model.sparsity 'kl' needs model.code_activation 'sigmoid'")
         if m.tied_weights and m.batch_norm:
             raise ValueError("model.tied_weights and model.batch_norm cannot be combined")
+        for i, cand in enumerate(self.selection.candidates):
+            dims = cand.get("model.hidden_dims", m.hidden_dims)
+            if not isinstance(dims, list) or len(dims) != len(m.hidden_dims):
+                # The DAG has one task per layer, fixed when it is parsed.
+                raise ValueError(
+                    f"selection.candidates[{i}]: model.hidden_dims {dims!r} must have "
+                    f"{len(m.hidden_dims)} layer(s) like model.hidden_dims"
+                )
         return self
 
     @property

@@ -42,16 +42,21 @@ def prepare_airflow(home: Path, dags_folder: Path = REPO / "dags") -> None:
     )
 
 
-def run_dag_test(
-    dag_file: Path, conf: dict[str, Any] | None = None, dag_attr: str = "training_dag"
-):
-    """Import a DAG file and run it with ``dag.test()``; return the finished DagRun."""
+def load_dag_module(dag_file: Path):
+    """Import a DAG file as a module (DAG files are not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"_sae_dag_{dag_file.stem}", dag_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return getattr(module, dag_attr).test(run_conf=conf or {})
+    return module
+
+
+def run_dag_test(
+    dag_file: Path, conf: dict[str, Any] | None = None, dag_attr: str = "training_dag"
+):
+    """Import a DAG file and run it with ``dag.test()``; return the finished DagRun."""
+    return getattr(load_dag_module(dag_file), dag_attr).test(run_conf=conf or {})
 
 
 def task_results(dag_run) -> dict[str, Any]:

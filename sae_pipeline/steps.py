@@ -8,6 +8,7 @@ instead of redoing the work, so retries and re-runs neither duplicate nor change
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from pathlib import Path
@@ -27,7 +28,9 @@ __all__ = [
     "pretrain_layer",
     "promote",
     "register",
+    "select_candidate",
     "split",
+    "try_candidate",
     "validate",
 ]
 
@@ -110,55 +113,91 @@ def prepare(
 
 # ---- data -------------------------------------------------------------------------------------
 def ingest(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Read the source once and keep it, unmodified, as the run's raw snapshot."""
-    from sae_pipeline.data import content_hash, read_source
+    """Read the source once and keep it, as read, as the run's raw copy; the source is only read."""
+    from sae_pipeline.data import content_hash
+    from sae_pipeline.snapshot import parquet_bytes, parquet_safe
+    from sae_pipeline.sources import describe_source, read_source, source_format
 
     cfg = config_of(ctx)
     out = _uri(ctx, "ingest", "raw.parquet")
     manifest_uri = _uri(ctx, "ingest", "manifest.json")
     if storage.exists(manifest_uri):
         return storage.read_json(manifest_uri)
-    frame = read_source(cfg.data)
-    storage.write_parquet(out, frame)
-    manifest = {"raw": out, "rows_in": len(frame), "raw_hash": content_hash(frame)}
+    frame = parquet_safe(read_source(cfg.data))
+    storage.write_bytes(out, parquet_bytes(frame))
+    manifest = {
+        "raw": out,
+        "rows_in": len(frame),
+        "raw_hash": content_hash(frame),
+        "source": describe_source(cfg.data.source),
+        "source_format": source_format(cfg.data),
+    }
     storage.write_json(manifest_uri, manifest)
-    log.info("ingested %d rows from %s", len(frame), cfg.data.source)
+    log.info("ingested %d rows from %s", len(frame), manifest["source"])
     return manifest
 
 
 def validate(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Check the snapshot against the data contract; write the accepted rows and the manifest."""
-    from sae_pipeline import tracking
-    from sae_pipeline.data import content_hash, infer_contract, validate_frame
+    """Validate the raw copy against the data contract (the configured one, or one recorded now).
+
+    Writes the snapshot folder ``validate/`` exactly as ``sae-pipeline ingest`` does: accepted
+    rows, quarantined rows with their reasons, and ``manifest.json`` (counts, content hash,
+    contract). Rows in, accepted and quarantined go to the log and to MLflow.
+    """
+    from sae_pipeline import snapshot
 
     cfg = config_of(ctx)
-    manifest_uri = _uri(ctx, "validate", "manifest.json")
-    if storage.exists(manifest_uri):
-        return storage.read_json(manifest_uri)
-    frame = storage.read_parquet(_uri(ctx, "ingest", "raw.parquet"))
-    contract = infer_contract(frame, cfg.data)
-    validate_frame(frame, contract)
-    keep = [*contract.feature_columns]
-    keep += [c for c in (contract.label_column, contract.id_column) if c is not None]
-    accepted = frame[keep]
-    snapshot = _uri(ctx, "validate", "snapshot.parquet")
-    storage.write_parquet(snapshot, accepted)
-    manifest = {
-        "snapshot": snapshot,
-        "rows_in": len(frame),
-        "rows_accepted": len(accepted),
-        "rows_quarantined": len(frame) - len(accepted),
-        "content_hash": content_hash(accepted),
-        "contract": contract.to_dict(),
-    }
-    storage.write_json(manifest_uri, manifest)
-    tracking.log_metrics(
-        cfg,
-        ctx["mlflow_run_id"],
-        {k: manifest[k] for k in ("rows_in", "rows_accepted", "rows_quarantined")},
+    out_dir = _uri(ctx, "validate")
+    if storage.exists(storage.join(out_dir, snapshot.MANIFEST)):
+        return snapshot.summary(snapshot.read_manifest(out_dir), out_dir)
+    raw = storage.read_json(_uri(ctx, "ingest", "manifest.json"))
+    frame = storage.read_parquet(raw["raw"])
+    contract = snapshot.load_contract(cfg.data.contract) if cfg.data.contract else None
+    manifest = snapshot.write_snapshot(
+        frame,
+        cfg.data,
+        out_dir,
+        contract,
+        source=raw.get("source"),
+        source_format=raw.get("source_format"),
     )
-    tracking.set_run_tags(cfg, ctx["mlflow_run_id"], {"sae.data_hash": manifest["content_hash"]})
-    return {k: v for k, v in manifest.items() if k != "contract"}
+    result = snapshot.summary(manifest, out_dir)
+    log.info(
+        "validated %d rows in: %d accepted, %d quarantined; snapshot %s",
+        result["rows_in"],
+        result["rows_accepted"],
+        result["rows_quarantined"],
+        result["content_hash"],
+    )
+    if result["rows_quarantined"]:
+        log.warning(
+            "%d of %d rows quarantined (%s): %s",
+            result["rows_quarantined"],
+            result["rows_in"],
+            result["quarantine"],
+            "; ".join(p["message"] for p in manifest["problems"]),
+        )
+    for warning in manifest["warnings"]:
+        log.warning("%s", warning)
+    _track_snapshot(ctx, cfg, result)
+    return result
+
+
+def _track_snapshot(ctx: dict[str, Any], cfg: PipelineConfig, result: dict[str, Any]) -> None:
+    """Counts as metrics, the content hash as a tag, manifest and quarantine as artifacts."""
+    import tempfile
+
+    from sae_pipeline import tracking
+
+    counts = {k: result[k] for k in ("rows_in", "rows_accepted", "rows_quarantined")}
+    tracking.log_metrics(cfg, ctx["mlflow_run_id"], counts)
+    tracking.set_run_tags(cfg, ctx["mlflow_run_id"], {"sae.data_hash": result["content_hash"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        for uri in (result["manifest"], result["quarantine"]):
+            if uri:
+                local = Path(tmp) / uri.rsplit("/", 1)[-1]
+                local.write_bytes(storage.read_bytes(uri))
+                tracking.log_artifact_file(cfg, ctx["mlflow_run_id"], str(local), "data")
 
 
 def split(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -168,8 +207,10 @@ def split(ctx: dict[str, Any]) -> dict[str, Any]:
     cfg = config_of(ctx)
     out = _uri(ctx, "split", "indices.npz")
     if not storage.exists(out):
-        manifest = storage.read_json(_uri(ctx, "validate", "manifest.json"))
-        frame = storage.read_parquet(manifest["snapshot"])
+        from sae_pipeline.snapshot import read_manifest, read_snapshot
+
+        manifest = read_manifest(_uri(ctx, "validate"))
+        frame = read_snapshot(_uri(ctx, "validate"), verify=True)
         label = manifest["contract"]["label_column"]
         labels = frame[label].to_numpy() if label else None
         storage.write_arrays(out, **split_indices(len(frame), labels, cfg.split))
@@ -181,9 +222,11 @@ def _dataset(ctx: dict[str, Any]) -> dict[str, Any]:
     """Features and labels of each part, unscaled, from the snapshot and the split."""
     import numpy as np
 
-    manifest = storage.read_json(_uri(ctx, "validate", "manifest.json"))
+    from sae_pipeline.snapshot import read_manifest, read_snapshot
+
+    manifest = read_manifest(_uri(ctx, "validate"))
     contract = manifest["contract"]
-    frame = storage.read_parquet(manifest["snapshot"])
+    frame = read_snapshot(_uri(ctx, "validate"))
     idx = storage.read_arrays(_uri(ctx, "split", "indices.npz"))
     x = frame[contract["feature_columns"]].to_numpy(dtype=np.float64)
     y = frame[contract["label_column"]].to_numpy() if contract["label_column"] else None
@@ -210,6 +253,70 @@ def fit_scaler(ctx: dict[str, Any]) -> dict[str, Any]:
             **{p: apply_scaler(scaler, data[f"x_{p}"]) for p in ("train", "val", "test")},
         )
     return {"scaler": scaler_uri, "scaled": scaled_uri, "kind": cfg.scaler.kind}
+
+
+# ---- hyperparameter selection -----------------------------------------------------------------
+def _candidate_key(candidate: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(candidate, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def try_candidate(ctx: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+    """Train one candidate on the training part, score it on the validation part, record it."""
+    from sae_pipeline import tracking
+    from sae_pipeline.selection import estimator_params, score_candidate
+
+    out = _uri(ctx, "selection", f"candidate_{_candidate_key(candidate)}.json")
+    if storage.exists(out):
+        return storage.read_json(out)
+    base = config_of(ctx)
+    cfg = build_config(base.model_dump(mode="json"), candidate)
+    scaled = storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
+    data = _dataset(ctx)
+    scores = score_candidate(
+        estimator_params(cfg),
+        scaled["train"],
+        scaled["val"],
+        data["y_train"],
+        data["y_val"],
+        cfg.evaluation.probe_max_iter,
+    )
+    child = tracking.child_run(
+        base, ctx["mlflow_run_id"], f"candidate {_candidate_key(candidate)}", candidate
+    )
+    tracking.log_metrics(base, child, scores)
+    result = {"candidate": candidate, "mlflow_run_id": child, **scores}
+    storage.write_json(out, result)
+    return result
+
+
+def select_candidate(ctx: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Keep the best candidate: its config becomes the run's config for the steps that follow."""
+    from sae_pipeline import tracking
+    from sae_pipeline.selection import better
+
+    cfg = config_of(ctx)
+    best = None
+    for r in results:
+        if best is None or better(r, best, cfg.selection.metric):
+            best = r
+    selected = build_config(cfg.model_dump(mode="json"), best["candidate"])
+    config_uri = _uri(ctx, "selection", "config.json")
+    storage.write_json(config_uri, selected.model_dump(mode="json"))
+    storage.write_json(_uri(ctx, "selection", "results.json"), results)
+    tracking.set_run_tags(
+        cfg,
+        ctx["mlflow_run_id"],
+        {"sae.selection.winner": json.dumps(best["candidate"], sort_keys=True)},
+    )
+    tracking.log_metrics(
+        cfg,
+        ctx["mlflow_run_id"],
+        {f"selection_best_{k}": best[k] for k in ("probe_accuracy", "val_mse") if k in best},
+    )
+    log.info("selected %s out of %d candidates", best["candidate"], len(results))
+    return {**ctx, "config_uri": config_uri, "selected": best["candidate"]}
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -272,6 +379,7 @@ def pretrain_layer(ctx: dict[str, Any], layer: int) -> dict[str, Any]:
         checkpoint=checkpoint,
     )
     tracking.log_history(cfg, ctx["mlflow_run_id"], f"pretrain_layer{layer}", hist.to_dict())
+    storage.write_json(_uri(ctx, "pretrain", f"layer_{layer}_history.json"), hist.to_dict())
     summary = {
         "layer": layer,
         "checkpoint": out,
@@ -324,6 +432,7 @@ def finetune(ctx: dict[str, Any]) -> dict[str, Any]:
         checkpoint=checkpoint,
     )
     tracking.log_history(cfg, ctx["mlflow_run_id"], "finetune", hist.to_dict())
+    storage.write_json(_uri(ctx, "finetune", "history.json"), hist.to_dict())
     net = net.cpu()
     import io
 
@@ -398,10 +507,37 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, Any]:
     metrics["pretrain_only_test_mse"] = pre["mse"]
     metrics["pretrain_only_test_mae"] = pre["mae"]
     metrics["rows_test"] = len(x_test)
+    _log_pictures(ctx, cfg, net, x_test, data["y_test"])
     storage.write_json(out, metrics)
     tracking.log_metrics(cfg, ctx["mlflow_run_id"], metrics)
     log.info("evaluation: %s", metrics)
     return metrics
+
+
+def _log_pictures(ctx, cfg, net, x_test, y_test) -> None:
+    """Loss curves, reconstructions, code map and first-layer filters, logged to MLflow."""
+    import tempfile
+
+    from sae_pipeline import plots, tracking, trainer
+
+    histories = {
+        f"layer {k}": storage.read_json(_uri(ctx, "pretrain", f"layer_{k}_history.json"))
+        for k in range(1, cfg.n_layers + 1)
+    }
+    histories["fine-tune"] = storage.read_json(_uri(ctx, "finetune", "history.json"))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = plots.save_all(
+            Path(tmp),
+            histories,
+            x_test,
+            trainer.reconstruct_array(net, x_test),
+            trainer.encode_array(net, x_test),
+            y_test,
+            net.encoders[0].weight.detach().numpy(),
+        )
+        for path in paths:
+            tracking.log_artifact_file(cfg, ctx["mlflow_run_id"], str(path), "plots")
+            storage.write_bytes(_uri(ctx, "evaluate", "plots", path.name), path.read_bytes())
 
 
 def register(ctx: dict[str, Any]) -> dict[str, Any]:

@@ -75,6 +75,25 @@ def find_or_create_run(cfg: PipelineConfig, key: str, tags: dict[str, str]) -> s
     return run.info.run_id
 
 
+def child_run(cfg: PipelineConfig, parent_id: str, name: str, params: dict[str, Any]) -> str:
+    """A nested run under the pipeline run (one per selection candidate), found or created."""
+    c = client(cfg)
+    parent = c.get_run(parent_id)
+    key = f"{parent.data.tags.get(RUN_KEY_TAG, parent_id)}/{name}"
+    found = c.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    run = c.create_run(
+        parent.info.experiment_id,
+        run_name=name,
+        tags={RUN_KEY_TAG: key, "mlflow.parentRunId": parent_id},
+    )
+    c.log_batch(run.info.run_id, params=[_param(k, str(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
 def _param(key: str, value: str):
     from mlflow.entities import Param
 

@@ -39,7 +39,7 @@ def test_bad_values_name_the_field(overrides, field):
 
 def test_inconsistent_combinations_are_rejected():
     with pytest.raises(ConfigError, match="noise_level is 0"):
-        build_config({}, {"model.noise": "gaussian"})
+        build_config({}, {"model.noise": "masking", "model.noise_level": 0})
     with pytest.raises(ConfigError, match="leaves under 10%"):
         build_config({}, {"split.test_fraction": 0.6, "split.val_fraction": 0.35})
 

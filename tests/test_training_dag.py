@@ -17,19 +17,58 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+# Two candidate code layers: the run maps a selection task over them and trains the winner.
+CANDIDATES = [{"model.hidden_dims": [64, 10]}, {"model.hidden_dims": [24, 10]}]
+
+
 @pytest.fixture(scope="module")
 def dag_run(airflow_db, tmp_path_factory):
-    from sae_pipeline.demo import run_dag_test, task_results
+    import yaml
+
+    from sae_pipeline.demo import load_dag_module, task_results
 
     tmp = tmp_path_factory.mktemp("dagrun")
+    config = tmp / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"hidden_dims": [64, 10]},
+                "training": {"finetune": {"epochs": 4}, "pretrain": {"epochs": 2}},
+                "selection": {"candidates": CANDIDATES},
+            }
+        )
+    )
     conf = {
         "artifacts_root": str(tmp / "artifacts"),
         "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
         "pretrain_epochs": 3,
         "finetune_epochs": 6,
     }
-    run = run_dag_test(REPO / "dags" / "sae_training.py", conf)
+    module = load_dag_module(REPO / "dags" / "sae_training.py")
+    run = module.build_training_dag(str(config)).test(run_conf={"config_path": str(config), **conf})
     return run, task_results(run), conf
+
+
+def test_selection_maps_over_candidates_and_carries_the_winner_on(dag_run):
+    from mlflow import MlflowClient
+
+    from sae_pipeline import storage
+    from sae_pipeline.selection import better
+
+    _, results, conf = dag_run
+    ctx = results["select_candidate"]
+    scored = storage.read_json(storage.join(ctx["run_dir"], "selection", "results.json"))
+    assert [r["candidate"] for r in scored] == CANDIDATES
+    best = scored[0] if better(scored[0], scored[1], "probe_accuracy") else scored[1]
+    assert ctx["selected"] == best["candidate"]
+    assert steps.load_trained(ctx).arch.hidden_dims == best["candidate"]["model.hidden_dims"]
+    c = MlflowClient(conf["tracking_uri"], conf["tracking_uri"])
+    children = c.search_runs(
+        [c.get_run(ctx["mlflow_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{ctx['mlflow_run_id']}'",
+    )
+    assert len(children) == 2
+    assert all("probe_accuracy" in r.data.metrics for r in children)
 
 
 def test_dag_run_succeeds_and_registers_a_champion(dag_run):

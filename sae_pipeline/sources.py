@@ -1,0 +1,271 @@
+"""Reading a data source into a frame: CSV, Parquet (a file or a folder of shards), a SQL query,
+or one of scikit-learn's bundled datasets; local paths and fsspec URLs alike.
+
+Every problem that stops a source from being read becomes a ``DataError`` naming the source
+and what is wrong with it (not found, empty, not UTF-8, corrupt, duplicate column names).
+Sources are only ever read: nothing here writes to them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sae_pipeline.config import DataConfig
+from sae_pipeline.errors import DataError
+
+SKLEARN_DATASETS = ("digits", "breast_cancer", "wine")
+SQL_SCHEMES = {"postgresql", "postgres", "mysql", "sqlite", "mssql", "oracle", "mariadb"}
+PARQUET_SUFFIXES = (".parquet", ".pq")
+CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zst", ".txt")
+
+# What pyarrow and fsspec raise on bytes that are not a readable Parquet file.
+_CORRUPT = (OSError, ValueError, TypeError, KeyError, IndexError, EOFError, MemoryError)
+
+
+def source_format(cfg: DataConfig) -> str:
+    """The source's format: the configured one, or guessed from the source string."""
+    if cfg.format != "auto":
+        return cfg.format
+    src = cfg.source.lower()
+    if src.startswith("sklearn://"):
+        return "sklearn"
+    if "://" in src and src.split("://")[0].split("+")[0] in SQL_SCHEMES:
+        return "sql"
+    if src.rstrip("/").endswith(PARQUET_SUFFIXES) or src.endswith("/"):
+        return "parquet"
+    if src.endswith(CSV_SUFFIXES):
+        return "csv"
+    if _is_dir(cfg.source):
+        return "parquet"
+    raise DataError(
+        f"cannot tell the format of data source {cfg.source!r}; set data.format to csv, "
+        "parquet, sklearn or sql"
+    )
+
+
+def describe_source(source: str) -> str:
+    """The source as it may be shown and recorded: database passwords masked."""
+    if "://" in source and source.split("://")[0].split("+")[0].lower() in SQL_SCHEMES:
+        import sqlalchemy
+
+        try:
+            return sqlalchemy.make_url(source).render_as_string(hide_password=True)
+        except Exception:  # an unparseable URL is reported when it is used
+            return source.split("://")[0] + "://***"
+    if "://" not in source:
+        from pathlib import Path
+
+        return str(Path(source).resolve())
+    return source
+
+
+def load_sklearn(name: str) -> pd.DataFrame:
+    """One of scikit-learn's bundled datasets as a frame with a ``target`` column."""
+    from sklearn import datasets
+
+    if name not in SKLEARN_DATASETS:
+        raise DataError(
+            f"unknown sklearn dataset {name!r}; choose from {', '.join(SKLEARN_DATASETS)}"
+        )
+    bunch = getattr(datasets, f"load_{name}")()
+    if name == "digits":
+        columns = [f"pixel_{i}" for i in range(bunch.data.shape[1])]
+    else:
+        columns = [str(c).replace(" ", "_") for c in bunch.feature_names]
+    frame = pd.DataFrame(bunch.data.astype(np.float64), columns=columns)
+    frame["target"] = bunch.target.astype(np.int64)
+    return frame
+
+
+def read_source(cfg: DataConfig) -> pd.DataFrame:
+    """Read the configured source into a frame; raise DataError naming what is wrong."""
+    fmt = source_format(cfg)
+    if fmt == "sklearn":
+        frame = load_sklearn(cfg.source.split("://", 1)[1].strip("/"))
+    elif fmt == "sql":
+        frame = read_sql(cfg.source, cfg.query)
+    elif fmt == "csv":
+        frame = read_csv(cfg.source)
+    else:
+        frame = read_parquet(cfg.source)
+    return check_column_names(frame, describe_source(cfg.source))
+
+
+def check_column_names(frame: pd.DataFrame, label: str) -> pd.DataFrame:
+    """Column names as strings, each once; a repeated name is an error, not a silent rename."""
+    frame.columns = check_unique_names(frame.columns, label)
+    return frame
+
+
+def check_unique_names(columns: Any, label: str) -> list[str]:
+    names = [str(c) for c in columns]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{label} has duplicate column names: {', '.join(map(repr, dupes))}")
+    return names
+
+
+# ---- CSV --------------------------------------------------------------------------------------
+def read_csv(source: str) -> pd.DataFrame:
+    """A UTF-8 CSV with a header row (gzip/bz2/zstd by suffix), from a path or URL."""
+    raw = _read_bytes(source, "CSV", compression="infer")
+    if not raw.strip():
+        raise DataError(f"CSV {source} is empty ({len(raw)} bytes, no header)")
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        byte = raw[err.start : err.start + 1].hex()
+        raise DataError(
+            f"CSV {source} is not UTF-8: byte 0x{byte} at line {line} (offset {err.start}); "
+            "re-save it as UTF-8"
+        ) from None
+    # pandas renames a repeated header name ("a", "a.1"); the header is checked first.
+    try:
+        header = next(csv.reader(io.StringIO(text)))
+    except (csv.Error, StopIteration) as err:
+        raise DataError(f"CSV {source} has an unreadable header: {_first_line(err)}") from None
+    check_unique_names(header, f"CSV {source}")
+    try:
+        # low_memory=False: one pass over the whole file, so that a column's type does not
+        # depend on where chunks happen to end.
+        return pd.read_csv(io.StringIO(text), low_memory=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"CSV {source} is empty (no header)") from None
+    except (pd.errors.ParserError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"CSV {source} cannot be parsed: {reason}") from None
+
+
+# ---- Parquet ----------------------------------------------------------------------------------
+def read_parquet(source: str) -> pd.DataFrame:
+    """One Parquet file, or a folder of shards (read in name order, same columns required)."""
+    fs, path = _fs(source)
+    if not _exists(fs, path):
+        raise DataError(f"data source not found: {source}")
+    if not fs.isdir(path):
+        return _read_parquet_file(fs, path, source)
+    shards = sorted(
+        p
+        for p in fs.find(path)
+        if p.endswith(PARQUET_SUFFIXES) and not p.rsplit("/", 1)[-1].startswith(("_", "."))
+    )
+    if not shards:
+        raise DataError(f"Parquet folder {source} holds no .parquet files")
+    frames = []
+    for shard in shards:
+        frame = _read_parquet_file(fs, shard, f"{source} (shard {_rel(shard, path)})")
+        if frames and list(frame.columns) != list(frames[0].columns):
+            raise DataError(
+                f"Parquet shard {_rel(shard, path)} of {source} has columns "
+                f"{_short(frame.columns)}, but shard {_rel(shards[0], path)} has "
+                f"{_short(frames[0].columns)}"
+            )
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _read_parquet_file(fs, path: str, label: str) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as fh:
+        data = fh.read()
+    if not data:
+        raise DataError(f"Parquet file {label} is empty (0 bytes)")
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        check_unique_names(pf.schema_arrow.names, f"Parquet file {label}")
+        frame = pf.read().to_pandas()
+    except DataError:
+        raise
+    except (pa.ArrowException, *_CORRUPT) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"Parquet file {label} is corrupt or truncated: {reason}") from None
+    # A named index (written by pandas) is data; the default range index is not.
+    if isinstance(frame.index, pd.MultiIndex) or frame.index.name is not None:
+        frame = frame.reset_index()
+    return frame.reset_index(drop=True)
+
+
+# ---- SQL --------------------------------------------------------------------------------------
+def read_sql(url: str, query: str | None) -> pd.DataFrame:
+    """The result of ``query`` on the database at the SQLAlchemy ``url``."""
+    import sqlalchemy
+
+    shown = describe_source(url)
+    if not query:
+        raise DataError(f"data.source {shown!r} is a database URL but data.query is empty")
+    try:
+        engine = sqlalchemy.create_engine(url)
+    except (sqlalchemy.exc.ArgumentError, ImportError, ValueError) as err:
+        raise DataError(f"bad database URL {shown!r}: {_first_line(err)}") from None
+    try:
+        with engine.connect() as conn:
+            # coerce_float turns NUMERIC columns (Decimal objects) into floats.
+            return pd.read_sql_query(sqlalchemy.text(query), conn, coerce_float=True)
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        cause = getattr(err, "orig", None) or err
+        raise DataError(f"SQL source {shown} failed: {_first_line(cause)}") from None
+    finally:
+        engine.dispose()
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _fs(source: str):
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(source)
+    except (ValueError, ImportError) as err:
+        raise DataError(f"cannot open data source {source!r}: {_first_line(err)}") from None
+
+
+def _exists(fs, path: str) -> bool:
+    try:
+        return bool(fs.exists(path))
+    except OSError:
+        return False
+
+
+def _is_dir(source: str) -> bool:
+    if "://" in source and not source.startswith("file://"):
+        return False  # asking a remote store costs a round trip; name the format instead
+    from pathlib import Path
+
+    return Path(source.removeprefix("file://")).is_dir()
+
+
+def _read_bytes(source: str, kind: str, compression: str | None = None) -> bytes:
+    import fsspec
+
+    fs, path = _fs(source)
+    if not _exists(fs, path):
+        raise DataError(f"data source not found: {source}")
+    if fs.isdir(path):
+        raise DataError(f"{kind} source {source} is a folder, not a file")
+    try:
+        with fsspec.open(source, "rb", compression=compression) as fh:
+            return fh.read()
+    except (OSError, EOFError, ValueError) as err:
+        raise DataError(f"{kind} {source} cannot be read: {_first_line(err)}") from None
+
+
+def _rel(path: str, root: str) -> str:
+    return path[len(root.rstrip("/")) + 1 :] if path.startswith(root.rstrip("/")) else path
+
+
+def _short(columns: Any, limit: int = 6) -> str:
+    names = [str(c) for c in columns]
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return "[" + ", ".join(map(repr, names[:limit])) + more + "]"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
