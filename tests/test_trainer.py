@@ -73,3 +73,42 @@ def test_early_stopping_restores_the_best_epoch(digits):
     assert hist.best_epoch == int(np.argmin(hist.val_loss))
     assert hist.best_epoch < len(hist.val_loss) - 1  # the last epoch was worse
     assert trainer.mean_loss(net, t_val) == pytest.approx(min(hist.val_loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("sparsity", ["none", "l1"])
+def test_fast_path_gradients_equal_autograd(activation, sparsity):
+    model = ModelConfig(sparsity=sparsity, sparsity_weight=0.1 if sparsity == "l1" else 0.0)
+    net = build_net(Architecture(12, [8, 3], activation=activation), seed=0)
+    x = torch.rand(5, 12)
+    layers, code_index = trainer._dense_chain(net, [0, 1])
+    loss = trainer.ManualChain(layers, 5, code_index, model).step(x, x)
+    manual = [p.grad.clone() for layer in layers for p in layer[:2]]
+    net.zero_grad(set_to_none=True)
+    recon, code = net(x)
+    reference = torch.nn.functional.mse_loss(recon, x)
+    (reference + trainer.sparsity_penalty(code, model)).backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    for got, (w, _b, _) in zip(manual[::2], layers, strict=True):
+        torch.testing.assert_close(got, w.grad)
+    for got, (_w, b, _) in zip(manual[1::2], layers, strict=True):
+        torch.testing.assert_close(got, b.grad)
+
+
+def test_fast_path_and_autograd_train_the_same_model(digits):
+    x_tr, x_val, _ = digits
+    nets = []
+    for fast in (True, False):
+        net = _net(seed=2)
+        t_tr = trainer.as_tensor(x_tr, CPU)
+
+        def forward(h, net=net):
+            code = net.encode_layer(0, h)
+            return net.decode_layer(0, code), code
+
+        trainer.train_phase(
+            net, forward, net.layer_parameters(0), t_tr, None, PhaseConfig(epochs=2),
+            ModelConfig(), 0, chain=trainer._dense_chain(net, [0]), fast=fast,
+        )  # fmt: skip
+        nets.append(trainer.encode_array(net, x_val))
+    np.testing.assert_allclose(nets[0], nets[1], rtol=1e-4, atol=1e-5)
