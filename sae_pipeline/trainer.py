@@ -107,12 +107,15 @@ def make_optimizer(params: list[torch.nn.Parameter], phase: PhaseConfig) -> torc
     return cls(params, lr=lr, weight_decay=wd, fused=True)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, phase: PhaseConfig):
+def learning_rate(phase: PhaseConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` under the phase's schedule (a pure function of epoch,
+    so a resumed run needs no scheduler state)."""
+    lr = phase.learning_rate
     if phase.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, phase.epochs))
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, phase.epochs)))
     if phase.lr_schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, phase.epochs // 3), gamma=0.3)
-    return None
+        return lr * 0.3 ** (epoch // max(1, phase.epochs // 3))
+    return lr
 
 
 @torch.no_grad()
@@ -233,6 +236,51 @@ class ManualChain:
         return loss  # reconstruction only: a sparsity penalty is not part of the reported loss
 
 
+class FusedAdamStep:
+    """``opt.step()`` for a fused Adam/AdamW, without the generic optimizer machinery.
+
+    Calls the same fused kernel ``torch.optim.Adam(fused=True)`` calls, on the optimizer's own
+    state tensors, so the optimizer's state_dict (checkpoints) stays the source of truth.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt = opt
+        self.group = opt.param_groups[0]
+        self.params = [p for p in self.group["params"] if p.grad is not None]
+        for p in self.params:
+            st = opt.state[p]
+            if not st:  # what Adam's lazy init would create (fused: float32 step tensors)
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.grads = [p.grad for p in self.params]
+        self.exp_avgs = [opt.state[p]["exp_avg"] for p in self.params]
+        self.exp_avg_sqs = [opt.state[p]["exp_avg_sq"] for p in self.params]
+        self.steps = [opt.state[p]["step"] for p in self.params]
+        decoupled = isinstance(opt, torch.optim.AdamW) or self.group.get("decoupled_weight_decay")
+        self.kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+
+    @staticmethod
+    def supported(opt: torch.optim.Optimizer) -> bool:
+        group = opt.param_groups[0]
+        return (
+            len(opt.param_groups) == 1
+            and isinstance(opt, torch.optim.Adam | torch.optim.AdamW)
+            and bool(group.get("fused"))
+            and not group["amsgrad"]
+            and not group["maximize"]
+        )
+
+    def step(self) -> None:
+        g = self.group
+        torch._foreach_add_(self.steps, 1)
+        self.kernel(
+            self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps,
+            lr=float(g["lr"]), beta1=g["betas"][0], beta2=g["betas"][1],
+            weight_decay=g["weight_decay"], eps=g["eps"], amsgrad=False, maximize=False,
+        )  # fmt: skip
+
+
 def train_phase(
     net: StackedAutoencoderNet,
     forward: ForwardFn,
@@ -262,33 +310,34 @@ def train_phase(
     torch.manual_seed(seed)  # dropout draws from the global generator
     gen = torch.Generator(device=device).manual_seed(seed)
     opt = make_optimizer(params, phase)
-    sched = make_scheduler(opt, phase)
     hist = History()
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs, start_epoch = 0, 0
     n, bs = len(x_train), min(phase.batch_size, len(x_train))
     x_check = x_val if x_val is not None and len(x_val) else x_train
     use_amp = amp and device.type == "cuda"
-    manual = None
-    if fast and chain is not None and ManualChain.supported(model, use_amp):
-        manual = ManualChain(chain[0], bs, chain[1], model)
 
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
-        if sched is not None:
-            sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"].cpu() if device.type == "cpu" else state["gen"])
         torch.set_rng_state(state["torch_rng"])
         hist = History(**state["history"])
         best_state, bad_epochs, start_epoch = state["best"], state["bad_epochs"], state["epoch"]
         log.info("%s resumed from %s at epoch %d", desc, checkpoint, start_epoch)
 
+    manual, opt_step = None, opt.step
+    if fast and chain is not None and ManualChain.supported(model, use_amp):
+        manual = ManualChain(chain[0], bs, chain[1], model)
+        if FusedAdamStep.supported(opt):
+            opt_step = FusedAdamStep(opt).step
     progress = _Progress(phase.epochs, desc)
     t0 = time.perf_counter() - hist.seconds
     for epoch in range(start_epoch, phase.epochs):
         net.train()
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(phase, epoch)
         perm = torch.randperm(n, generator=gen, device=device)
         running, steps = torch.zeros((), device=device), 0
         t_steps = time.perf_counter()
@@ -303,14 +352,12 @@ def train_phase(
                     total = loss + sparsity_penalty(code, model)
                 opt.zero_grad(set_to_none=True)
                 total.backward()
-            opt.step()
+            opt_step()
             running += loss.detach()
             steps += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
         hist.step_seconds += time.perf_counter() - t_steps
-        if sched is not None:
-            sched.step()
         net.eval()
         train_loss = running.item() / max(1, steps)
         val_loss = mean_loss(forward, x_check)
@@ -333,7 +380,6 @@ def train_phase(
                     "epoch": epoch + 1 if not stop else phase.epochs,
                     "net": net.state_dict(),
                     "opt": opt.state_dict(),
-                    "sched": sched.state_dict() if sched is not None else None,
                     "gen": gen.get_state(),
                     "torch_rng": torch.get_rng_state(),
                     "history": hist.to_dict(),

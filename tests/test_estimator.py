@@ -64,7 +64,7 @@ def test_bad_hyperparameters_fail_with_the_name(digits):
     with pytest.raises(ConfigError, match=r"model\.activation"):
         StackedAutoencoder(activation="gelu").fit(digits[0][:50])
     with pytest.raises(ConfigError, match="noise_level is 0"):
-        StackedAutoencoder(noise="gaussian").fit(digits[0][:50])
+        StackedAutoencoder(noise="masking", noise_level=0.0).fit(digits[0][:50])
 
 
 def test_noise_is_applied_in_training_only(digits):
@@ -78,7 +78,7 @@ def test_noise_is_applied_in_training_only(digits):
     noisy = StackedAutoencoder(hidden_dims=(16, 4), noise="gaussian", noise_level=0.3, **FAST)
     noisy.fit(x[:300])
     np.testing.assert_array_equal(noisy.transform(x[:20]), noisy.transform(x[:20]))
-    clean = StackedAutoencoder(hidden_dims=(16, 4), **FAST).fit(x[:300])
+    clean = StackedAutoencoder(hidden_dims=(16, 4), noise="none", **FAST).fit(x[:300])
     assert not np.allclose(noisy.transform(x[:20]), clean.transform(x[:20]))
 
 
@@ -178,7 +178,8 @@ def test_resumed_fit_equals_uninterrupted_fit(digits, tmp_path, monkeypatch):
     np.testing.assert_array_equal(resumed.transform(x), reference.transform(x))
 
 
-def test_epoch_checkpoint_resumes_mid_phase(digits, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["fast-path", "autograd"])
+def test_epoch_checkpoint_resumes_mid_phase(digits, tmp_path, dropout):
     x = torch.from_numpy(digits[0][:400])
     from sae_pipeline.config import PhaseConfig
     from sae_pipeline.model import Architecture, build_net
@@ -192,7 +193,7 @@ def test_epoch_checkpoint_resumes_mid_phase(digits, tmp_path):
             if epoch == stop_at:
                 raise KeyboardInterrupt
 
-        hist = trainer.finetune(net, x, None, phase, ModelConfig(dropout=0.1), 3,
+        hist = trainer.finetune(net, x, None, phase, ModelConfig(dropout=dropout), 3,
                                 checkpoint=ckpt, checkpoint_every=2, on_epoch=on_epoch)  # fmt: skip
         return net, hist
 
