@@ -155,10 +155,10 @@ class ModelConfig(_Section):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     batch_norm: bool = False
     tied_weights: bool = False
-    # Denoising (Gaussian, sigma 0.3 on [0, 1] data) is what lifts the codes above PCA's on
+    # Denoising (Gaussian, sigma 0.2 on [0, 1] data) is what lifts the codes above PCA's on
     # the probe; see bench/bench_quality.py.
     noise: Literal["none", "gaussian", "masking"] = "gaussian"
-    noise_level: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
+    noise_level: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
     sparsity: Literal["none", "l1", "kl"] = "none"
     sparsity_weight: Annotated[float, Field(ge=0.0)] = 0.0
     sparsity_target: Fraction = 0.05

@@ -45,7 +45,7 @@ class StackedAutoencoder(TransformerMixin, BaseEstimator):
         batch_norm: bool = False,
         tied_weights: bool = False,
         noise: str = "gaussian",
-        noise_level: float = 0.3,
+        noise_level: float = 0.2,
         sparsity: str = "none",
         sparsity_weight: float = 0.0,
         sparsity_target: float = 0.05,
