@@ -96,6 +96,9 @@ def test_mlflow_run_holds_config_losses_metrics_and_lineage(dag_run):
         assert [m.step for m in history] == [0, 1, 2]
     assert len(c.get_metric_history(run.info.run_id, "finetune_val_loss")) == 6
     assert "probe_accuracy_pca" in run.data.metrics
+    plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
+    expected = {"loss_curves.png", "reconstructions.png", "code_map.png", "first_layer_filters.png"}
+    assert {f"plots/{name}" for name in expected} <= plots
     name = results["register"]["encoder_model_name"]
     version = c.get_model_version(name, results["register"]["encoder_version"])
     assert set(version.aliases) == {"champion", "challenger"}
