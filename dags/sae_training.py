@@ -24,6 +24,7 @@ from sae_pipeline.config import load_config
 # Run parameters -> the config fields they override (None leaves the config's value).
 PARAM_FIELDS = {
     "data_source": "data.source",
+    "data_query": "data.query",
     "pretrain_epochs": "training.pretrain.epochs",
     "finetune_epochs": "training.finetune.epochs",
     "batch_size": "training.pretrain.batch_size",
@@ -44,6 +45,7 @@ def _params() -> dict[str, Param]:
     return {
         "config_path": optional("string", "YAML config; default: $SAE_CONFIG or the demo's."),
         "data_source": optional("string", "Path, URL or sklearn://<name> of the training data."),
+        "data_query": optional("string", "SQL query, when data_source is a database URL."),
         "pretrain_epochs": optional("integer", "Epochs of each layer's pretraining."),
         "finetune_epochs": optional("integer", "Epochs of end-to-end fine-tuning."),
         "batch_size": optional("integer", "Mini-batch size (pretraining and fine-tuning)."),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -104,7 +105,7 @@ def check_column_names(frame: pd.DataFrame, label: str) -> pd.DataFrame:
 
 def check_unique_names(columns: Any, label: str) -> list[str]:
     names = [str(c) for c in columns]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, k in Counter(names).items() if k > 1)
     if dupes:
         raise DataError(f"{label} has duplicate column names: {', '.join(map(repr, dupes))}")
     return names

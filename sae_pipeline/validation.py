@@ -125,7 +125,7 @@ def validate_batch(
     must match it, and values far outside its training ranges are row problems.
     """
     policy = cfg.validation
-    _check_shape(frame)
+    frame = _check_shape(frame)
     warnings: list[str] = []
     inferred = contract is None
     if contract is None:
@@ -169,7 +169,13 @@ def validate_batch(
         contract=contract,
         rows_in=n,
         problems=[
-            {"problem": p.kind, p.role: p.column, "rows": p.count, "message": p.summary()}
+            {
+                "problem": p.kind,
+                "column": p.column,
+                "role": p.role,
+                "rows": p.count,
+                "message": p.summary(),
+            }
             for p in problems
         ],
         warnings=warnings,
@@ -192,7 +198,8 @@ def check_features(frame: pd.DataFrame, contract: Contract) -> None:
 
 
 # ---- column checks ----------------------------------------------------------------------------
-def _check_shape(frame: pd.DataFrame) -> None:
+def _check_shape(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with string column names, if it has columns, rows and no name twice."""
     if frame.shape[1] == 0:
         raise DataError("the data has no columns")
     names = check_unique_names(frame.columns, "the data")
@@ -201,6 +208,7 @@ def _check_shape(frame: pd.DataFrame) -> None:
         raise DataError(f"column name {reserved[0]!r} is reserved for the quarantine file")
     if len(frame) == 0:
         raise DataError(f"the data has a header but no rows (columns: {_names(names)})")
+    return frame.set_axis(names, axis=1)
 
 
 def _match_columns(
