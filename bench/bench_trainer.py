@@ -24,6 +24,7 @@ from sae_pipeline.config import ModelConfig, PhaseConfig
 from sae_pipeline.model import Architecture, build_net
 
 CPU = torch.device("cpu")
+PLAIN = ModelConfig(noise="none")  # the plain loop has no denoising either
 
 
 def digits_like(n: int, seed: int = 0) -> np.ndarray:
@@ -77,7 +78,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--rows", type=int, default=20000)
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="intra-op threads for part 1 (a 64x128 GEMM gains nothing from more; part 2 "
+        "uses every core)",
+    )  # fmt: skip
     args = ap.parse_args()
+    cores = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.from_numpy(digits_like(args.rows))
     x_val = torch.from_numpy(digits_like(2000, seed=1))
@@ -100,6 +108,7 @@ def main() -> None:
             rows.append((name, seen / t, t, target, (seen / t) / (base_seen / base_t)))
     print(
         f"\n64->128->64 layer, batch {batch}, Adam lr {lr}, {args.rows} rows, "
+        f"{args.threads} thread(s), no noise, "
         f"target = plain loop's val MSE after {args.epochs} epochs ({target:.6f})"
     )
     print(f"{'trainer':<38}{'samples/s':>12}{'seconds':>10}{'val MSE':>11}{'speed-up':>10}")
@@ -108,18 +117,19 @@ def main() -> None:
         print(f"{name:<38}{sps:>12,.0f}{t:>10.2f}{val:>11.6f}{r:>10}")
 
     # -- 2. compute-bound layer ----------------------------------------------------------------
+    torch.set_num_threads(cores)
     peak = peak_gemm()
     big = torch.rand(8192, 784)
     net = build_net(Architecture(784, [1000], output_activation="sigmoid"), seed=0)
     phase = PhaseConfig(epochs=3, batch_size=128, learning_rate=1e-3, patience=0)
-    hist = trainer.pretrain_layer(net, 0, big, None, phase, ModelConfig(), 0)
+    hist = trainer.pretrain_layer(net, 0, big, None, phase, PLAIN, 0)
     sps = hist.samples_seen / hist.step_seconds
     # forward: 2 GEMMs of 2*784*1000; backward: weight grads of both + the decoder's input grad.
     flops = 2 * 784 * 1000 * (2 + 3)
     print(
         f"\n784->1000->784 layer, batch 128: {sps:,.0f} samples/s x {flops / 1e6:.2f} MFLOP "
         f"= {sps * flops / 1e9:.1f} GFLOP/s; float32 GEMM peak here {peak / 1e9:.1f} GFLOP/s "
-        f"-> {sps * flops / peak:.0%} of roofline"
+        f"-> {sps * flops / peak:.0%} of roofline ({cores} threads)"
     )
 
 
@@ -140,7 +150,7 @@ def _ours_marks(x, x_val, epochs, batch, lr, fast):
         return net.decode_layer(0, code), code
 
     trainer.train_phase(
-        net, forward, net.layer_parameters(0), x, x_val, phase, ModelConfig(), 0,
+        net, forward, net.layer_parameters(0), x, x_val, phase, PLAIN, 0,
         on_epoch=on_epoch, chain=trainer._dense_chain(net, [0]), fast=fast,
     )  # fmt: skip
     return marks
