@@ -34,7 +34,11 @@ def _set_overrides(items: Sequence[str]) -> dict:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sae_pipeline.demo import run_demo
 
-    run_demo(Path(args.workdir).resolve(), conf=json.loads(args.conf) if args.conf else None)
+    run_demo(
+        Path(args.workdir).resolve(),
+        conf=json.loads(args.conf) if args.conf else None,
+        loop=not args.no_loop,
+    )
     return 0
 
 
@@ -42,7 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sae_pipeline.pipeline import run_training
 
     result = run_training(args.run_id, args.config, _set_overrides(args.set))
-    print(json.dumps({k: result[k] for k in ("evaluate", "register", "promote")}, indent=2))
+    shown = ("validate", "evaluate", "register", "promote")  # validate: the row counts
+    print(json.dumps({k: result[k] for k in shown}, indent=2))
     return 0
 
 
@@ -82,6 +87,43 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_run_id(given: str | None, command: str) -> str:
+    """A run id for a CLI call: the given one (the same id finds that run's outputs again)."""
+    if given:
+        return given
+    from datetime import UTC, datetime
+
+    return f"cli_{command}__{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from sae_pipeline import batches, encoding
+
+    params = {"batch": args.batch, "model_version": args.model_version, "config_path": args.config}
+    ctx = batches.context(
+        _cli_run_id(args.run_id, "encode"), params, overrides=_set_overrides(args.set)
+    )
+    ctx = encoding.prepare(ctx, args.output, args.chunk_rows, args.shard_rows)
+    manifest = encoding.encode_batch(ctx, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "parts"}, indent=2))
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from sae_pipeline import batches, monitoring
+
+    run_id = _cli_run_id(args.run_id, "drift")
+    params = {"batch": args.batch, "model_version": args.model_version, "config_path": args.config}
+    ctx = batches.context(run_id, params, overrides=_set_overrides(args.set))
+    ctx = monitoring.prepare(ctx, args.policy, _set_overrides(args.policy_set))
+    summary = monitoring.run_check(ctx, progress=not args.quiet)
+    out = {"check": summary}
+    if args.retrain:
+        out["retraining"] = monitoring.retrain(ctx, summary, f"retrain__{ctx['run_key']}")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -90,7 +132,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the training DAG through Airflow on the digits demo")
     p.add_argument("--workdir", default=".", help="where .airflow/ and artifacts/ go")
     p.add_argument("--conf", help="DAG run params as JSON, e.g. '{\"finetune_epochs\": 5}'")
+    p.add_argument(
+        "--no-loop", action="store_true", help="train only: skip encoding, drift and retraining"
+    )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("encode", help="encode a Parquet batch with the champion (no Airflow)")
+    p.add_argument("--batch", required=True, nargs="+", help="Parquet file(s) or folder(s)")
+    p.add_argument("--output", help="output folder (default: <root>/encodings/<model>/v<n>/...)")
+    p.add_argument("--model-version", help="encoder version (default: the champion)")
+    p.add_argument("--chunk-rows", type=int, help="rows per streamed chunk (default 65536)")
+    p.add_argument("--shard-rows", type=int, help="rows per shard (default 1,000,000)")
+    p.add_argument("--config", help="YAML config: artifact root, MLflow URI, model names")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-id", help="run id (default: new); staging folders are keyed by it")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("drift", help="check a batch for drift against the champion (no Airflow)")
+    p.add_argument("--batch", required=True, nargs="+", help="Parquet file(s) or folder(s)")
+    p.add_argument("--model-version", help="encoder version (default: the champion)")
+    p.add_argument("--policy", help="drift policy YAML (default: the built-in policy)")
+    p.add_argument(
+        "--policy-set", action="append", default=[], metavar="KEY=VALUE",
+        help="policy override, e.g. drift_share=0.3 or signals.codes.drift_share=0.2",
+    )  # fmt: skip
+    p.add_argument("--retrain", action="store_true", help="retrain here when the check asks")
+    p.add_argument("--config", help="YAML config: artifact root, MLflow URI, model names")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-id", help="run id (default: new); the same id returns that check")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_drift)
 
     p = sub.add_parser("train", help="run every training step in this process (no Airflow)")
     p.add_argument("--config", help="YAML config (default: the embedded digits demo)")

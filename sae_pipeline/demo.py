@@ -141,14 +141,24 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def run_demo(
-    workdir: Path, conf: dict[str, Any] | None = None, quiet: bool = False
+    workdir: Path, conf: dict[str, Any] | None = None, quiet: bool = False, loop: bool = True
 ) -> dict[str, Any]:
-    """Run the training DAG with ``dag.test()``, print and save the summary under ``workdir``."""
+    """Run the training DAG with ``dag.test()``, print and save the summary under ``workdir``.
+
+    With ``loop`` (and the demo's own data), a quarter of the digits is held out of training
+    as a fresh batch, and the loop (encode, drift check, retrain) runs after training.
+    """
     from sae_pipeline.errors import SaePipelineError
 
     t0 = time.perf_counter()
     prepare_airflow(workdir / ".airflow")
     conf = {"artifacts_root": str(workdir / "artifacts"), **(conf or {})}
+    batches = None
+    if loop and "data_source" not in conf:
+        from sae_pipeline.loop import demo_data
+
+        batches = demo_data(workdir / "artifacts" / "demo_data")
+        conf["data_source"] = batches["train"]
     dag_run = run_dag_test(REPO / "dags" / "sae_training.py", conf)
     state = str(getattr(dag_run.state, "value", dag_run.state))
     if state != "success":
@@ -156,6 +166,18 @@ def run_demo(
             f"training DAG run {dag_run.run_id} ended {state}; see the log above"
         )
     summary = summarize(task_results(dag_run))
+    if batches is not None:
+        from sae_pipeline.loop import run_loop
+
+        store = {
+            "artifacts_root": conf["artifacts_root"],
+            "tracking_uri": summary["mlflow_tracking_uri"],
+            "encoder_model_name": summary["encoder_model_name"],
+            "scaler_model_name": summary["scaler_model_name"],
+        }
+        if conf.get("config_path"):
+            store["config_path"] = conf["config_path"]
+        summary["loop"] = run_loop(store, batches)
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out = workdir / "artifacts" / "demo_summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,5 +186,9 @@ def run_demo(
     os.replace(tmp, out)
     if not quiet:
         print(format_summary(summary))
+        if "loop" in summary:
+            from sae_pipeline.loop import format_loop
+
+            print(format_loop(summary["loop"]))
         print(f"Summary JSON: {out}  ({summary['wall_seconds']} s)")
     return summary

@@ -595,6 +595,23 @@ def gate_decision(
     return True, f"test MSE {ch_mse:.6f} < {cur_mse:.6f}{acc}"
 
 
+def _common_evaluation(ctx: dict[str, Any], cfg: PipelineConfig, name: str, version: str):
+    """Challenger and champion ``version`` measured on the challenger's test split:
+    (challenger metrics, champion metrics, basis), or None when that is not possible."""
+    import mlflow
+
+    from sae_pipeline import comparison, tracking
+
+    try:
+        champion = comparison.registered_encoder(tracking.tracking_uri(cfg), name, version)
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        log.warning("gate: champion %s v%s cannot be loaded (%s)", name, version, err)
+        return None
+    return comparison.on_test_split(
+        load_encoder(ctx), champion, _dataset(ctx), cfg.evaluation.probe_max_iter
+    )
+
+
 def promote(ctx: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
     """Make the challenger champion if it passes the gate; record the decision on the version."""
     from sae_pipeline import tracking
@@ -608,13 +625,25 @@ def promote(ctx: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
     champion_metrics = None
     if current is not None and str(current.version) == version:
         return {"promoted": True, "reason": "already champion", "champion_version": version}
+    basis = "no champion to compare with"
     if current is not None:
         champion_metrics = c.get_run(current.run_id).data.metrics
+        basis = "recorded metrics (the champion cannot run on the challenger's test rows)"
+        common = _common_evaluation(ctx, cfg, enc_name, str(current.version))
+        if common is not None:  # both models on the same rows: a fair comparison
+            challenger, champion_metrics, basis = common
+            tracking.log_metrics(
+                cfg,
+                ctx["mlflow_run_id"],
+                {f"gate_champion_{k}": v for k, v in champion_metrics.items()}
+                | {f"gate_challenger_{k}": v for k, v in challenger.items()},
+            )
     promoted, reason = gate_decision(challenger, champion_metrics, cfg)
     decision = "promoted" if promoted else "rejected"
     for name, v in ((enc_name, version), (sc_name, registered["scaler_version"])):
         c.set_model_version_tag(name, v, "sae.gate.decision", decision)
         c.set_model_version_tag(name, v, "sae.gate.reason", reason)
+        c.set_model_version_tag(name, v, "sae.gate.basis", basis)
         if current is not None:
             c.set_model_version_tag(name, v, "sae.gate.compared_to", str(current.version))
     if promoted:

@@ -1,0 +1,129 @@
+"""
+### Drift monitor: batch vs the champion's training reference, and retraining
+
+Compares a batch with the champion's training reference on three signals with Evidently:
+the **raw features**, the **latent codes** and the **reconstruction error**. Each report is
+saved as HTML and JSON under `<root>/monitoring/checks/<run>/` and logged to MLflow (experiment
+`sae-monitoring`), with a summary a reviewer reads first (the run's description): batch, model
+version, drift share per signal, decision and reason.
+
+- **When**: daily (`$SAE_DRIFT_SCHEDULE`, cron) and whenever a batch is announced on the
+  `sae_new_batches` Asset. A scheduled run checks the latest announced batch; the `batch`
+  param overrides both.
+- **Policy** (`$SAE_DRIFT_POLICY` YAML, or params): drift share threshold, per-signal
+  thresholds, minimum batch size, sample size, retraining on or off.
+- **Retraining**: when drift is found, `retraining_conf` writes the champion's training
+  snapshot plus the batch's valid rows to the store and `trigger_retraining` *queues* a
+  `sae_training` run with `conf={"data_source": <that file>, "config_path": <champion's
+  config>, ...}`; the scheduler starts it. That run registers a `challenger`, which becomes
+  `champion` only if it passes the gate on a common evaluation set; the decision and its
+  reason are tagged on the new version. Without drift both tasks are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+
+NEW_BATCHES = Asset(
+    name="sae_new_batches", uri=os.environ.get("SAE_NEW_BATCHES_URI", "sae://batches/new")
+)
+SCHEDULE = AssetOrTimeSchedule(
+    timetable=CronTriggerTimetable(
+        os.environ.get("SAE_DRIFT_SCHEDULE", "0 6 * * *"), timezone="UTC"
+    ),
+    assets=[NEW_BATCHES],
+)
+
+
+def _optional(kind: str, doc: str) -> Param:
+    return Param(None, type=["null", kind], description=doc)
+
+
+@dag(
+    dag_id="sae_drift_monitor",
+    schedule=SCHEDULE,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    params={
+        "batch": Param(
+            None,
+            type=["null", "string", "array"],
+            description="Parquet file, folder or list; default: the Asset event's or the latest.",
+        ),
+        "model_version": _optional("string", "Encoder version; default: the champion's."),
+        "policy_path": _optional("string", "Drift policy YAML; default: $SAE_DRIFT_POLICY."),
+        "drift_share": _optional("number", "Share of drifted columns that means drift."),
+        "signal_thresholds": Param(
+            None,
+            type=["null", "object"],
+            description='Per-signal drift share, e.g. {"reconstruction_error": 1.0}.',
+        ),
+        "min_rows": _optional("integer", "Fewer valid rows: reported, not judged."),
+        "sample_rows": _optional("integer", "Rows the tests see (0 = all)."),
+        "retrain": Param(None, type=["null", "boolean"], description="Retrain on drift."),
+        "monitoring_experiment": _optional("string", "MLflow experiment of the checks."),
+        "config_path": _optional("string", "YAML config; default: $SAE_CONFIG or the demo's."),
+        "artifacts_root": _optional("string", "Artifact store root (folder or fsspec URL)."),
+        "tracking_uri": _optional("string", "MLflow tracking URI."),
+        "encoder_model_name": _optional("string", "Registered model name of the encoder."),
+        "scaler_model_name": _optional("string", "Registered model name of the scaler."),
+    },
+    doc_md=__doc__,
+    tags=["sae", "monitoring"],
+    default_args={"retries": 2, "retry_delay": pendulum.duration(seconds=10)},
+)
+def sae_drift_monitor():
+    @task(inlets=[NEW_BATCHES])
+    def prepare(params=None, run_id=None, triggering_asset_events=None, inlet_events=None):
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+        from sae_pipeline import batches, monitoring
+        from sae_pipeline.errors import DataError
+
+        try:
+            return monitoring.context(
+                run_id, params, triggering_asset_events, inlet_events[NEW_BATCHES]
+            )
+        except batches.NoBatch as err:  # a scheduled run before any batch was announced
+            raise AirflowSkipException(str(err)) from None
+        except DataError as err:  # a batch that breaks the contract stays broken: no retries
+            raise AirflowFailException(str(err)) from err
+
+    @task
+    def reference(ctx: dict) -> dict:
+        from sae_pipeline import monitoring
+
+        return monitoring.reference(ctx)
+
+    @task
+    def check(ctx: dict, ref: dict) -> dict:
+        """The decision: reports, MLflow run, and `retrain_triggered`."""
+        from sae_pipeline import monitoring
+
+        return monitoring.check(ctx, ref)
+
+    @task.short_circuit
+    def retraining_conf(ctx: dict, summary: dict) -> dict | None:
+        """The training conf (new data included) when retraining is due; else skip."""
+        from sae_pipeline import monitoring
+
+        return monitoring.training_conf(ctx, summary)
+
+    ctx = prepare()
+    conf = retraining_conf(ctx, check(ctx, reference(ctx)))
+    # Queues the run; a scheduler starts it. Keyed by this run, so a retry never queues two.
+    TriggerDagRunOperator(
+        task_id="trigger_retraining",
+        trigger_dag_id="sae_training",
+        trigger_run_id="drift__{{ run_id }}",
+        conf=conf,
+        skip_when_already_exists=True,
+    )
+
+
+drift_dag = sae_drift_monitor()
