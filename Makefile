@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench bench-quality bench-encoding clean
 
 $(STAMP): pyproject.toml requirements.lock install.sh
 	VENV=$(VENV) ./install.sh
@@ -27,6 +27,12 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_trainer.py
+
+bench-quality: $(STAMP)
+	$(PY) bench/bench_quality.py --seeds 0 1 2 3 4
+
+bench-encoding: $(STAMP)
+	$(PY) bench/bench_encoding.py
 
 clean:
 	rm -rf artifacts .airflow
