@@ -457,6 +457,7 @@ def pretrain_layer(
             model,
             seed,
             desc=f"layer {k + 1}",
+            chain=_dense_chain(net, [k]),
             **kwargs,
         )
     finally:
