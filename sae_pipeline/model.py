@@ -136,9 +136,14 @@ def build_net(
         return StackedAutoencoderNet(arch)
 
 
+def net_blob(net: StackedAutoencoderNet) -> dict[str, Any]:
+    """Architecture and weights together: all ``load_net`` needs to rebuild the model."""
+    return {"arch": net.arch.to_dict(), "state_dict": net.state_dict()}
+
+
 def save_net(net: StackedAutoencoderNet, path: Any, **extra: Any) -> None:
     """Save architecture and weights together, so the file alone rebuilds the model."""
-    torch.save({"arch": net.arch.to_dict(), "state_dict": net.state_dict(), **extra}, path)
+    torch.save({**net_blob(net), **extra}, path)
 
 
 def load_net(path_or_blob: Any, map_location: str = "cpu") -> StackedAutoencoderNet:

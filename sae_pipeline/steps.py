@@ -352,9 +352,35 @@ def _stack(ctx: dict[str, Any], cfg: PipelineConfig, input_dim: int, layers: int
     return net
 
 
+def _epoch_checkpoint(ctx: dict[str, Any], cfg: PipelineConfig, step: str, name: str):
+    """Where a phase checkpoints its epochs: a local file (resume needs a real file), or None
+    when the artifact store is remote."""
+    if not storage.is_local(cfg.artifacts_root):
+        return None
+    path = storage.local_path(_uri(ctx, step, name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _record_phase(ctx, cfg, prefix: str, history_uri: str, hist, device) -> dict[str, Any]:
+    """Log a phase's per-epoch losses to MLflow, keep them beside its outputs, summarise it."""
+    from sae_pipeline import tracking
+
+    tracking.log_history(cfg, ctx["mlflow_run_id"], prefix, hist.to_dict())
+    storage.write_json(history_uri, hist.to_dict())
+    tracking.log_metrics(cfg, ctx["mlflow_run_id"], {f"{prefix}_best_val_loss": hist.best_val_loss})
+    return {
+        "epochs_run": len(hist.val_loss),
+        "best_epoch": hist.best_epoch + 1,
+        "best_val_loss": hist.best_val_loss,
+        "device": device.type,
+        "seconds": round(hist.seconds, 3),
+    }
+
+
 def pretrain_layer(ctx: dict[str, Any], layer: int) -> dict[str, Any]:
     """Greedy step for ``layer`` (1-based): train it on the codes of frozen layers below."""
-    from sae_pipeline import tracking, trainer
+    from sae_pipeline import trainer
 
     cfg = config_of(ctx)
     out = _uri(ctx, "pretrain", f"layer_{layer}.pt")
@@ -363,10 +389,7 @@ def pretrain_layer(ctx: dict[str, Any], layer: int) -> dict[str, Any]:
     device = trainer.resolve_device(cfg.training.device)
     scaled = storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
     net = _stack(ctx, cfg, scaled["train"].shape[1], layer - 1).to(device)
-    checkpoint = None
-    if storage.is_local(cfg.artifacts_root):
-        checkpoint = storage.local_path(_uri(ctx, "pretrain", f"layer_{layer}.ckpt"))
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = _epoch_checkpoint(ctx, cfg, "pretrain", f"layer_{layer}.ckpt")
     hist = trainer.pretrain_layer(
         net,
         layer - 1,
@@ -378,31 +401,25 @@ def pretrain_layer(ctx: dict[str, Any], layer: int) -> dict[str, Any]:
         amp=cfg.training.amp,
         checkpoint=checkpoint,
     )
-    tracking.log_history(cfg, ctx["mlflow_run_id"], f"pretrain_layer{layer}", hist.to_dict())
-    storage.write_json(_uri(ctx, "pretrain", f"layer_{layer}_history.json"), hist.to_dict())
+    history_uri = _uri(ctx, "pretrain", f"layer_{layer}_history.json")
     summary = {
         "layer": layer,
         "checkpoint": out,
-        "epochs_run": len(hist.val_loss),
-        "best_epoch": hist.best_epoch + 1,
-        "best_val_loss": hist.best_val_loss,
-        "device": device.type,
-        "seconds": round(hist.seconds, 3),
+        **_record_phase(ctx, cfg, f"pretrain_layer{layer}", history_uri, hist, device),
     }
     net = net.cpu()
     storage.write_torch(out, {"state_dict": _layer_state(net, layer - 1), "summary": summary})
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
-    tracking.log_metrics(
-        cfg, ctx["mlflow_run_id"], {f"pretrain_layer{layer}_best_val_loss": hist.best_val_loss}
-    )
     return summary
 
 
 def finetune(ctx: dict[str, Any]) -> dict[str, Any]:
     """Stack the pretrained layers and fine-tune the whole autoencoder end to end."""
-    from sae_pipeline import tracking, trainer
-    from sae_pipeline.model import save_net
+    import torch
+
+    from sae_pipeline import trainer
+    from sae_pipeline.model import net_blob
 
     cfg = config_of(ctx)
     out = _uri(ctx, "finetune", "model.pt")
@@ -414,13 +431,9 @@ def finetune(ctx: dict[str, Any]) -> dict[str, Any]:
     net = _stack(ctx, cfg, scaled["train"].shape[1], cfg.n_layers)
     pretrained = _uri(ctx, "finetune", "pretrained.pt")
     if not storage.exists(pretrained):
-        storage.write_torch(
-            pretrained, {"arch": net.arch.to_dict(), "state_dict": net.state_dict()}
-        )
+        storage.write_torch(pretrained, net_blob(net))
     net = net.to(device)
-    checkpoint = None
-    if storage.is_local(cfg.artifacts_root):
-        checkpoint = storage.local_path(_uri(ctx, "finetune", "finetune.ckpt"))
+    checkpoint = _epoch_checkpoint(ctx, cfg, "finetune", "finetune.ckpt")
     hist = trainer.finetune(
         net,
         trainer.as_tensor(scaled["train"], device),
@@ -431,30 +444,16 @@ def finetune(ctx: dict[str, Any]) -> dict[str, Any]:
         amp=cfg.training.amp,
         checkpoint=checkpoint,
     )
-    tracking.log_history(cfg, ctx["mlflow_run_id"], "finetune", hist.to_dict())
-    storage.write_json(_uri(ctx, "finetune", "history.json"), hist.to_dict())
-    net = net.cpu()
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    save_net(net, buf)
-    storage.write_bytes(out, buf.getvalue())
     summary = {
         "model": out,
         "pretrained": pretrained,
-        "epochs_run": len(hist.val_loss),
-        "best_epoch": hist.best_epoch + 1,
-        "best_val_loss": hist.best_val_loss,
-        "device": device.type,
-        "seconds": round(hist.seconds, 3),
+        **_record_phase(ctx, cfg, "finetune", _uri(ctx, "finetune", "history.json"), hist, device),
         "torch": torch.__version__,
     }
+    storage.write_torch(out, net_blob(net.cpu()))
     storage.write_json(summary_uri, summary)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
-    tracking.log_metrics(cfg, ctx["mlflow_run_id"], {"finetune_best_val_loss": hist.best_val_loss})
     return summary
 
 
