@@ -77,10 +77,10 @@ def bench_encoder(sample_path: Path):
     """The default architecture, seeded, with a minmax scaler fitted on the batch's head."""
     import pyarrow.parquet as pq
 
-    from sae_pipeline.data import Contract
-    from sae_pipeline.model import Architecture, build_net
-    from sae_pipeline.scaling import fit_scaler
-    from sae_pipeline.serving import Encoder
+    from sae_pipeline.data.contract import Contract
+    from sae_pipeline.data.scaling import fit_scaler
+    from sae_pipeline.engine.encoder import Encoder
+    from sae_pipeline.engine.net import Architecture, build_net
 
     head = pq.ParquetFile(sample_path).read_row_group(0, columns=FEATURES).to_pandas()
     contract = Contract(FEATURES, dict.fromkeys(FEATURES, "float32"), None, "id")
@@ -97,7 +97,9 @@ def worker(path: Path, out_dir: Path, chunk_rows: int, shard_rows: int) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from sae_pipeline import batches, encoding
+    from sae_pipeline.data import batches
+    from sae_pipeline.engine import batch_encoding
+    from sae_pipeline.engine import encoder as encoder_mod
 
     torch.set_num_threads(os.cpu_count() or 1)
     encoder = bench_encoder(path)
@@ -105,7 +107,7 @@ def worker(path: Path, out_dir: Path, chunk_rows: int, shard_rows: int) -> dict:
     pf = pq.ParquetFile(path)
     x = np.asfortranarray(pf.read_row_group(0, columns=FEATURES).to_pandas().to_numpy(np.float64))
     x = x[: 4 * chunk_rows]
-    encoding.encode_rows(encoder, x[:chunk_rows])  # warm-up
+    encoder_mod.encode_rows(encoder, x[:chunk_rows])  # warm-up
     baseline = rss_mb()
     memory = {"rows": 0, "wall": 0.0, "cpu": 0.0}
 
@@ -113,19 +115,19 @@ def worker(path: Path, out_dir: Path, chunk_rows: int, shard_rows: int) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < seconds:
             for i in range(0, len(x), chunk_rows):
-                encoding.encode_rows(encoder, x[i : i + chunk_rows])
+                encoder_mod.encode_rows(encoder, x[i : i + chunk_rows])
             memory["rows"] += len(x)
         memory["wall"] += time.perf_counter() - t0
         memory["cpu"] += time.process_time() - c0
 
     files = batches.list_files(str(path))
-    shards = encoding.plan(files, shard_rows)
+    shards = batch_encoding.plan(files, shard_rows)
     rows = encoded = 0
     stream_wall = stream_cpu = 0.0
     for s in shards:
         burst()
         t0, c0 = time.perf_counter(), time.process_time()
-        r = encoding.encode_shard(
+        r = batch_encoding.encode_shard(
             encoder, s, str(out_dir / f"part-{s['index']:05d}.parquet"),
             str(out_dir / f"_quarantine/part-{s['index']:05d}.parquet"),
             id_column="id", chunk_rows=chunk_rows,
@@ -211,8 +213,9 @@ def drift_bench(data_dir: Path, rows: int = 100_000) -> dict:
 
     import pandas as pd
 
-    from sae_pipeline import batches, monitoring
-    from sae_pipeline.pipeline import run_training
+    from sae_pipeline.data import batches
+    from sae_pipeline.steps import monitoring
+    from sae_pipeline.steps.training import run_training
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="drift-", dir=data_dir))

@@ -18,7 +18,7 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import train_test_split
 
 from sae_pipeline import StackedAutoencoder
-from sae_pipeline.evaluation import probe_accuracy
+from sae_pipeline.engine.evaluation import probe_accuracy
 
 
 def main() -> None:

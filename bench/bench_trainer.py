@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from sae_pipeline import trainer
 from sae_pipeline.config import ModelConfig, PhaseConfig
-from sae_pipeline.model import Architecture, build_net
+from sae_pipeline.engine import trainer
+from sae_pipeline.engine.net import Architecture, build_net
 
 CPU = torch.device("cpu")
 PLAIN = ModelConfig(noise="none")  # the plain loop has no denoising either

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from sae_pipeline import StackedAutoencoder, trainer
+from sae_pipeline import StackedAutoencoder
+from sae_pipeline.engine import trainer
 
 
 def main() -> int:

@@ -74,8 +74,8 @@ def sae_batch_encoding():
     def prepare(params=None, run_id=None, triggering_asset_events=None) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from sae_pipeline import encoding
         from sae_pipeline.errors import DataError
+        from sae_pipeline.steps import encoding
 
         try:
             return encoding.context(run_id, params, triggering_asset_events)
@@ -84,20 +84,20 @@ def sae_batch_encoding():
 
     @task
     def plan(ctx: dict) -> list[dict]:
-        from sae_pipeline import encoding
+        from sae_pipeline.steps import encoding
 
         return encoding.plan_step(ctx)
 
     @task(queue=HEAVY_QUEUE)
     def encode_shard(ctx: dict, shard: dict) -> dict:
-        from sae_pipeline import encoding
+        from sae_pipeline.steps import encoding
 
         return encoding.encode_shard_step(ctx, shard)
 
     # none_failed: a batch already encoded plans no shards, and commit returns its manifest.
     @task(outlets=[ENCODED_BATCHES], trigger_rule="none_failed")
     def commit(ctx: dict, results, outlet_events=None) -> dict:
-        from sae_pipeline import encoding
+        from sae_pipeline.steps import encoding
 
         manifest = encoding.commit_step(ctx, results or [])
         outlet_events[ENCODED_BATCHES].extra = encoding.asset_extra(manifest)

@@ -82,8 +82,9 @@ def sae_drift_monitor():
     def prepare(params=None, run_id=None, triggering_asset_events=None, inlet_events=None):
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-        from sae_pipeline import batches, monitoring
+        from sae_pipeline.data import batches
         from sae_pipeline.errors import DataError
+        from sae_pipeline.steps import monitoring
 
         try:
             return monitoring.context(
@@ -96,21 +97,21 @@ def sae_drift_monitor():
 
     @task
     def reference(ctx: dict) -> dict:
-        from sae_pipeline import monitoring
+        from sae_pipeline.steps import monitoring
 
         return monitoring.reference(ctx)
 
     @task
     def check(ctx: dict, ref: dict) -> dict:
         """The decision: reports, MLflow run, and `retrain_triggered`."""
-        from sae_pipeline import monitoring
+        from sae_pipeline.steps import monitoring
 
         return monitoring.check(ctx, ref)
 
     @task.short_circuit
     def retraining_conf(ctx: dict, summary: dict) -> dict | None:
         """The training conf (new data included) when retraining is due; else skip."""
-        from sae_pipeline import monitoring
+        from sae_pipeline.steps import monitoring
 
         return monitoring.training_conf(ctx, summary)
 

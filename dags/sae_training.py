@@ -88,7 +88,7 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
     def sae_training():
         @task
         def prepare(params: dict | None = None, run_id: str | None = None) -> dict:
-            from sae_pipeline import steps
+            from sae_pipeline.steps import training as steps
 
             return steps.prepare(
                 run_id,
@@ -99,7 +99,7 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
 
         @task
         def ingest(ctx: dict) -> dict:
-            from sae_pipeline import steps
+            from sae_pipeline.steps import training as steps
 
             return steps.ingest(ctx)
 
@@ -107,8 +107,8 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
         def validate(ctx: dict) -> dict:
             from airflow.sdk.exceptions import AirflowFailException
 
-            from sae_pipeline import steps
             from sae_pipeline.errors import DataError
+            from sae_pipeline.steps import training as steps
 
             try:
                 return steps.validate(ctx)
@@ -117,55 +117,55 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
 
         @task
         def split(ctx: dict) -> dict:
-            from sae_pipeline import steps
+            from sae_pipeline.steps import training as steps
 
             return steps.split(ctx)
 
         @task
         def fit_scaler(ctx: dict) -> dict:
-            from sae_pipeline import steps
+            from sae_pipeline.steps import training as steps
 
             return steps.fit_scaler(ctx)
 
         @task(queue=heavy_queue)
         def try_candidate(ctx: dict, candidate: dict) -> dict:
-            from sae_pipeline import steps
+            from sae_pipeline.steps import training as steps
 
             return steps.try_candidate(ctx, candidate)
 
         @task
         def select_candidate(ctx: dict, results: list[dict]) -> dict:
-            from sae_pipeline import steps
+            from sae_pipeline.steps import training as steps
 
             return steps.select_candidate(ctx, list(results))
 
         @task(queue=heavy_queue)
         def pretrain_layer(ctx: dict, layer: int) -> dict:
-            from sae_pipeline import steps
+            from sae_pipeline.steps import training as steps
 
             return steps.pretrain_layer(ctx, layer)
 
         @task(queue=heavy_queue)
         def finetune(ctx: dict) -> dict:
-            from sae_pipeline import steps
+            from sae_pipeline.steps import training as steps
 
             return steps.finetune(ctx)
 
         @task
         def evaluate(ctx: dict) -> dict:
-            from sae_pipeline import steps
+            from sae_pipeline.steps import training as steps
 
             return steps.evaluate(ctx)
 
         @task
         def register(ctx: dict) -> dict:
-            from sae_pipeline import steps
+            from sae_pipeline.steps import training as steps
 
             return steps.register(ctx)
 
         @task
         def promote(ctx: dict, registered: dict) -> dict:
-            from sae_pipeline import steps
+            from sae_pipeline.steps import training as steps
 
             return steps.promote(ctx, registered)
 

@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         return getattr(config, name)
     if name == "StackedAutoencoder":
-        from sae_pipeline.estimator import StackedAutoencoder
+        from sae_pipeline.engine.estimator import StackedAutoencoder
 
         return StackedAutoencoder
     raise AttributeError(f"module 'sae_pipeline' has no attribute {name!r}")

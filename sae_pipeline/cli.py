@@ -32,7 +32,7 @@ def _set_overrides(items: Sequence[str]) -> dict:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sae_pipeline.demo import run_demo
+    from sae_pipeline.demo.demo import run_demo
 
     run_demo(
         Path(args.workdir).resolve(),
@@ -43,7 +43,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sae_pipeline.pipeline import run_training
+    from sae_pipeline.steps.training import run_training
 
     result = run_training(args.run_id, args.config, _set_overrides(args.set))
     shown = ("validate", "evaluate", "register", "promote")  # validate: the row counts
@@ -73,8 +73,9 @@ INGEST_FLAGS = {
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from sae_pipeline import snapshot, storage
+    from sae_pipeline import storage
     from sae_pipeline.config import load_config
+    from sae_pipeline.data import snapshot
 
     overrides = _set_overrides(args.set)
     for flag, field in INGEST_FLAGS.items():
@@ -97,10 +98,11 @@ def _cli_run_id(given: str | None, command: str) -> str:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from sae_pipeline import batches, encoding
+    from sae_pipeline.steps import encoding
+    from sae_pipeline.steps.batch_context import batch_context
 
     params = {"batch": args.batch, "model_version": args.model_version, "config_path": args.config}
-    ctx = batches.context(
+    ctx = batch_context(
         _cli_run_id(args.run_id, "encode"), params, overrides=_set_overrides(args.set)
     )
     ctx = encoding.prepare(ctx, args.output, args.chunk_rows, args.shard_rows)
@@ -110,11 +112,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
-    from sae_pipeline import batches, monitoring
+    from sae_pipeline.steps import monitoring
+    from sae_pipeline.steps.batch_context import batch_context
 
     run_id = _cli_run_id(args.run_id, "drift")
     params = {"batch": args.batch, "model_version": args.model_version, "config_path": args.config}
-    ctx = batches.context(run_id, params, overrides=_set_overrides(args.set))
+    ctx = batch_context(run_id, params, overrides=_set_overrides(args.set))
     ctx = monitoring.prepare(ctx, args.policy, _set_overrides(args.policy_set))
     summary = monitoring.run_check(ctx, progress=not args.quiet)
     out = {"check": summary}

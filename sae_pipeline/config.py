@@ -338,9 +338,12 @@ def build_config(
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> PipelineConfig:
-    """Read a YAML config (or the embedded defaults when ``path`` is None)."""
+    """Read a YAML config (or the embedded defaults when ``path`` is None or empty).
+
+    An empty path counts as unset: compose files and shells leave ``SAE_CONFIG=""`` behind.
+    """
     data: dict[str, Any] = {}
-    if path is not None:
+    if path is not None and str(path).strip():
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")

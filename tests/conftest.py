@@ -22,7 +22,7 @@ TINY = {
 
 def pytest_configure(config):
     home = Path(tempfile.mkdtemp(prefix="sae-airflow-"))
-    from sae_pipeline.demo import airflow_env
+    from sae_pipeline.demo.airflow_run import airflow_env
 
     os.environ.update(airflow_env(home, REPO / "dags"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -49,7 +49,7 @@ class Ingest:
         return self.err.strip()
 
     def snapshot(self) -> pd.DataFrame:
-        from sae_pipeline.snapshot import read_snapshot
+        from sae_pipeline.data.snapshot import read_snapshot
 
         return read_snapshot(str(self.output), verify=True)
 

@@ -72,3 +72,8 @@ def test_cli_prints_resolved_config(capsys):
 def test_config_hash_changes_with_content():
     assert PipelineConfig().config_hash() == PipelineConfig().config_hash()
     assert build_config({}, {"training.seed": 1}).config_hash() != PipelineConfig().config_hash()
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_empty_config_path_is_the_embedded_defaults(path):
+    assert load_config(path) == load_config(None)

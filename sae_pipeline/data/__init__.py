@@ -1,0 +1,1 @@
+"""Data in: sources, the contract, validation with quarantine, snapshots, batches and scaling."""

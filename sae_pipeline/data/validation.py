@@ -1,0 +1,432 @@
+"""Validating a batch against the data contract: pure functions on frames, no I/O.
+
+``validate_batch`` sorts the rows of a batch into accepted rows and quarantined rows (each with
+its reason), or rejects the whole batch with a ``DataError`` that names the problem, following
+the policies in ``data.validation``. Always: rows in = rows accepted + rows quarantined.
+
+- Column problems concern every row and fail the batch: no columns, duplicate names, no rows,
+  a contract column that is missing, a column with no number in it, a column of a non-numeric
+  type. Extra columns, reordered columns and constant features fail it when the policy says so.
+- Row problems are non-numeric, missing (NaN, empty) and infinite values, values far outside
+  the training range recorded in the contract, a missing label, a missing or repeated id. Each
+  rejects the batch or quarantines its rows, as the policy says; when more than
+  ``max_quarantine_fraction`` of the rows would be quarantined, the batch fails.
+
+Row numbers in messages and in the quarantine file's ``_row`` column count data rows from 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sae_pipeline.config import DataConfig, ValidationConfig
+from sae_pipeline.data.contract import Contract, infer_contract
+from sae_pipeline.data.sources import check_unique_names
+from sae_pipeline.errors import DataError
+
+REASON_COLUMN = "_quarantine_reason"
+ROW_COLUMN = "_row"
+
+# Problem kind -> (the data.validation field that decides it, what one bad value is called)
+KINDS = {
+    "non_numeric": ("non_numeric", "non-numeric value"),
+    "missing": ("missing_values", "missing value"),
+    "infinite": ("infinite_values", "infinite value"),
+    "out_of_range": ("out_of_range", "value"),
+    "duplicate_id": ("duplicate_ids", "repeated value"),
+}
+# Text that means "no value" rather than "not a number".
+_NA_TEXT = {"", "nan", "na", "n/a", "null", "none", "<na>"}
+
+
+@dataclass
+class RowProblem:
+    """One kind of problem in one column: which rows have it, and how to say so."""
+
+    kind: str
+    column: str
+    role: str  # "column", "label" or "id"
+    mask: np.ndarray  # (rows,) bool
+    values: pd.Series  # the column as given, for the messages
+    note: str = ""  # e.g. " far outside the training range [0, 16]"
+    first_seen: dict[Any, int] = field(default_factory=dict)  # repeated ids: value -> first row
+
+    @property
+    def count(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def where(self) -> str:
+        return f"{self.role} {self.column!r}"
+
+    @property
+    def policy_field(self) -> str:
+        return KINDS[self.kind][0]
+
+    def row_reason(self, i: int) -> str:
+        """Why row ``i`` is quarantined, for the quarantine file."""
+        if self.kind == "missing":
+            return f"{self.where}: missing value"
+        value = self.values.iloc[i]
+        if self.kind == "duplicate_id":
+            first = self.first_seen.get(value)
+            return f"{self.where}: repeated value {_show(value)} (first at row {first})"
+        return f"{self.where}: {KINDS[self.kind][1]} {_show(value)}{self.note}"
+
+    def summary(self) -> str:
+        """One line: where, how many, and the first example."""
+        first = int(np.flatnonzero(self.mask)[0])
+        example = "" if self.kind == "missing" else f" {_show(self.values.iloc[first])}"
+        return (
+            f"{self.where} has {self.count} {KINDS[self.kind][1]}(s){self.note}, "
+            f"e.g.{example} at row {first}"
+        )
+
+
+@dataclass
+class ValidationResult:
+    """The outcome of validating one batch."""
+
+    accepted: pd.DataFrame  # contract columns (features, label, id), numeric features
+    quarantined: pd.DataFrame  # input columns + _row + _quarantine_reason
+    contract: Contract  # the contract checked against, or the one recorded from this batch
+    rows_in: int
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dropped_columns: list[str] = field(default_factory=list)
+
+    @property
+    def rows_accepted(self) -> int:
+        return len(self.accepted)
+
+    @property
+    def rows_quarantined(self) -> int:
+        return len(self.quarantined)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "rows_in": self.rows_in,
+            "rows_accepted": self.rows_accepted,
+            "rows_quarantined": self.rows_quarantined,
+        }
+
+
+def validate_batch(
+    frame: pd.DataFrame, cfg: DataConfig, contract: Contract | None = None
+) -> ValidationResult:
+    """Accept, quarantine or reject the rows of ``frame``.
+
+    Without ``contract`` (first training) the contract is inferred from the config and the
+    data, and recorded from the accepted rows (dtypes, training ranges). With one, the batch
+    must match it, and values far outside its training ranges are row problems.
+    """
+    policy = cfg.validation
+    frame = _check_shape(frame)
+    warnings: list[str] = []
+    inferred = contract is None
+    if contract is None:
+        contract = infer_contract(frame, cfg)
+        dropped = [c for c in frame.columns if c not in contract.columns]
+    else:
+        dropped = _match_columns(frame, contract, policy, warnings)
+    ranges = None
+    if not inferred and policy.out_of_range != "accept":
+        ranges = contract.feature_ranges
+
+    numeric: dict[str, np.ndarray] = {}
+    problems: list[RowProblem] = []
+    for col in contract.feature_columns:
+        limits = ranges.get(col) if ranges else None
+        numeric[col], found = _feature_problems(frame[col], col, limits, policy.range_tolerance)
+        problems += found
+    problems += _label_and_id_problems(frame, contract)
+    problems = [p for p in problems if p.count]
+
+    n = len(frame)
+    for p in problems:
+        if getattr(policy, p.policy_field) == "reject":
+            raise DataError(
+                f"{p.summary()}; {n} rows in (data.validation.{p.policy_field} is 'reject')"
+            )
+    bad = np.zeros(n, dtype=bool)
+    for p in problems:
+        bad |= p.mask
+    n_bad = int(bad.sum())
+    if n_bad == n or n_bad / n > policy.max_quarantine_fraction:
+        raise DataError(_too_many_message(problems, n_bad, n, policy.max_quarantine_fraction))
+
+    accepted = _accepted(frame, contract, numeric, ~bad)
+    _check_constant(accepted, contract, policy, warnings)
+    if inferred:
+        contract = _recorded(accepted, contract)
+    return ValidationResult(
+        accepted=accepted,
+        quarantined=_quarantined(frame, problems, bad),
+        contract=contract,
+        rows_in=n,
+        problems=[
+            {
+                "problem": p.kind,
+                "column": p.column,
+                "role": p.role,
+                "rows": p.count,
+                "message": p.summary(),
+            }
+            for p in problems
+        ],
+        warnings=warnings,
+        dropped_columns=dropped,
+    )
+
+
+def check_features(frame: pd.DataFrame, contract: Contract) -> None:
+    """Strict check of the contract's features: raise DataError on the first problem."""
+    if len(frame) == 0:
+        raise DataError("the data has a header but no rows")
+    missing = [c for c in contract.feature_columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"feature column(s) missing: {', '.join(missing)}")
+    for col in contract.feature_columns:
+        _, found = _feature_problems(frame[col], col, None, 0.0)
+        for p in found:
+            if p.count:
+                raise DataError(f"{p.summary()}; {len(frame)} rows in")
+
+
+# ---- column checks ----------------------------------------------------------------------------
+def _check_shape(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with string column names, if it has columns, rows and no name twice."""
+    if frame.shape[1] == 0:
+        raise DataError("the data has no columns")
+    names = check_unique_names(frame.columns, "the data")
+    reserved = [c for c in (REASON_COLUMN, ROW_COLUMN) if c in names]
+    if reserved:
+        raise DataError(f"column name {reserved[0]!r} is reserved for the quarantine file")
+    if len(frame) == 0:
+        raise DataError(f"the data has a header but no rows (columns: {_names(names)})")
+    return frame.set_axis(names, axis=1)
+
+
+def _match_columns(
+    frame: pd.DataFrame, contract: Contract, policy: ValidationConfig, warnings: list[str]
+) -> list[str]:
+    """Check the batch's columns against the contract; return the columns dropped."""
+    missing = [c for c in contract.feature_columns if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{len(missing)} feature column(s) of the contract missing from the data: "
+            f"{_names(missing)}"
+        )
+    if contract.id_column is not None and contract.id_column not in frame.columns:
+        raise DataError(f"id column {contract.id_column!r} of the contract is missing")
+    extra = [c for c in frame.columns if c not in contract.columns]
+    if extra and policy.extra_columns == "reject":
+        raise DataError(
+            f"{len(extra)} column(s) not in the contract: {_names(extra)} "
+            "(data.validation.extra_columns is 'reject'; 'ignore' drops them)"
+        )
+    if extra:
+        warnings.append(f"dropped {len(extra)} column(s) not in the contract: {_names(extra)}")
+    present = [c for c in frame.columns if c in contract.columns]
+    expected = [c for c in contract.columns if c in frame.columns]
+    if present != expected:
+        i = next(k for k, (a, b) in enumerate(zip(present, expected, strict=True)) if a != b)
+        message = (
+            f"columns are not in the contract's order: column {present[i]!r} is where the "
+            f"contract has {expected[i]!r}"
+        )
+        if policy.column_order == "reject":
+            raise DataError(f"{message} (data.validation.column_order is 'reject')")
+        warnings.append(f"{message}; reordered")
+    if contract.label_column is not None and contract.label_column not in frame.columns:
+        warnings.append(f"label column {contract.label_column!r} is absent")
+    return extra
+
+
+def _check_constant(
+    accepted: pd.DataFrame, contract: Contract, policy: ValidationConfig, warnings: list[str]
+) -> None:
+    if len(accepted) < 2:
+        return
+    constant = [c for c in contract.feature_columns if accepted[c].nunique(dropna=False) <= 1]
+    if not constant:
+        return
+    message = (
+        f"{len(constant)} constant feature column(s), one value in all {len(accepted)} "
+        f"accepted rows: {_names(constant)}"
+    )
+    if policy.constant_columns == "reject":
+        raise DataError(f"{message} (data.validation.constant_columns is 'reject')")
+    warnings.append(message)
+
+
+# ---- row checks -------------------------------------------------------------------------------
+def _feature_problems(
+    values: pd.Series, col: str, limits: list[float] | None, tolerance: float
+) -> tuple[np.ndarray, list[RowProblem]]:
+    """The column as float64 (NaN where no number), and its row problems."""
+    dtype = values.dtype
+    if pd.api.types.is_bool_dtype(dtype) or (
+        pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
+    ):
+        num = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        non_numeric = np.zeros(len(values), dtype=bool)
+    elif pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype):
+        num, non_numeric = _parse_numbers(values)
+    else:
+        raise DataError(f"column {col!r} has type {dtype}, not a number")
+    missing = np.isnan(num) & ~non_numeric
+    if (missing | non_numeric).all():
+        if non_numeric.any():
+            example = values.iloc[int(np.flatnonzero(non_numeric)[0])]
+            raise DataError(
+                f"column {col!r} is not numeric: none of its {len(values)} value(s) is a "
+                f"number, e.g. {_show(example)}"
+            )
+        raise DataError(f"column {col!r} has no values: all {len(values)} row(s) are empty")
+    problems = [
+        RowProblem("non_numeric", col, "column", non_numeric, values),
+        RowProblem("missing", col, "column", missing, values),
+        RowProblem("infinite", col, "column", np.isinf(num), values),
+    ]
+    if limits is not None:
+        lo, hi = float(limits[0]), float(limits[1])
+        # "Far" is measured in training ranges; a constant training column gets a unit range.
+        span = hi - lo if hi > lo else max(abs(hi), 1.0)
+        with np.errstate(invalid="ignore"):
+            far = np.isfinite(num) & ((num < lo - tolerance * span) | (num > hi + tolerance * span))
+        problems.append(
+            RowProblem(
+                "out_of_range",
+                col,
+                "column",
+                far,
+                values,
+                f" far outside the training range [{lo:g}, {hi:g}]",
+            )
+        )
+    return num, problems
+
+
+def _parse_numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Numbers in a text/object column: (float64 values, mask of values that are no number)."""
+    try:
+        num = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError, OverflowError):
+        num = np.array([_to_float(v) for v in values], dtype=np.float64)
+    given = values.notna().to_numpy()
+    na_text = np.array(
+        [isinstance(v, str) and v.strip().lower() in _NA_TEXT for v in values], dtype=bool
+    )
+    return num, np.isnan(num) & given & ~na_text
+
+
+def _to_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return float("nan")
+
+
+def _label_and_id_problems(frame: pd.DataFrame, contract: Contract) -> list[RowProblem]:
+    problems = []
+    label = contract.label_column
+    if label is not None and label in frame.columns:
+        values = frame[label]
+        problems.append(RowProblem("missing", label, "label", values.isna().to_numpy(), values))
+    ident = contract.id_column
+    if ident is not None and ident in frame.columns:
+        values = frame[ident]
+        missing = values.isna().to_numpy()
+        problems.append(RowProblem("missing", ident, "id", missing, values))
+        repeated = values.duplicated(keep="first").to_numpy() & ~missing
+        first_seen: dict[Any, int] = {}
+        if repeated.any():
+            for i, v in enumerate(values):
+                first_seen.setdefault(v, i)
+        problems.append(RowProblem("duplicate_id", ident, "id", repeated, values, "", first_seen))
+    return problems
+
+
+# ---- results ----------------------------------------------------------------------------------
+def _accepted(
+    frame: pd.DataFrame, contract: Contract, numeric: dict[str, np.ndarray], keep: np.ndarray
+) -> pd.DataFrame:
+    """The contract's columns of the kept rows; text features become float64 numbers."""
+    out = {}
+    for col in contract.columns:
+        if col not in frame.columns:
+            continue  # an absent label
+        values = frame[col]
+        if col in numeric and not (
+            pd.api.types.is_bool_dtype(values.dtype) or pd.api.types.is_numeric_dtype(values.dtype)
+        ):
+            out[col] = numeric[col][keep]
+        else:
+            out[col] = values.to_numpy()[keep]
+    return pd.DataFrame(out)
+
+
+def _recorded(accepted: pd.DataFrame, contract: Contract) -> Contract:
+    """The contract of first training: accepted dtypes and each feature's training range."""
+    ranges = {}
+    for col in contract.feature_columns:
+        x = accepted[col].to_numpy(dtype=np.float64)
+        ranges[col] = [float(x.min()), float(x.max())]
+    dtypes = {col: str(accepted[col].dtype) for col in contract.feature_columns}
+    return Contract(
+        list(contract.feature_columns), dtypes, contract.label_column, contract.id_column, ranges
+    )
+
+
+def _quarantined(frame: pd.DataFrame, problems: list[RowProblem], bad: np.ndarray) -> pd.DataFrame:
+    """The bad rows as given, with their input row number and every reason."""
+    rows = np.flatnonzero(bad)
+    reasons: dict[int, list[str]] = {int(i): [] for i in rows}
+    for p in problems:
+        for i in np.flatnonzero(p.mask):
+            reasons[int(i)].append(p.row_reason(int(i)))
+    out = frame.iloc[rows].reset_index(drop=True)
+    out[ROW_COLUMN] = rows.astype(np.int64)
+    out[REASON_COLUMN] = ["; ".join(reasons[int(i)]) for i in rows]
+    return out
+
+
+def _too_many_message(problems: list[RowProblem], n_bad: int, n: int, ceiling: float) -> str:
+    worst = sorted(problems, key=lambda p: -p.count)[:3]
+    more = f"; and {len(problems) - 3} more problem(s)" if len(problems) > 3 else ""
+    if n_bad == n:
+        head = f"no rows left: all {n} rows fail validation: "
+    else:
+        head = (
+            f"{n_bad} of {n} rows ({n_bad / n:.0%}) fail validation, more than "
+            f"data.validation.max_quarantine_fraction={ceiling:g} allows: "
+        )
+    return head + "; ".join(p.summary() for p in worst) + more
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = f"{value:g}" if isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _names(columns: Any, limit: int = 8) -> str:
+    names = [repr(str(c)) for c in columns]
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def validate_frame(frame: pd.DataFrame, contract: Contract) -> dict[str, Any]:
+    """Check that features are present, numeric and finite; raise DataError on the first problem.
+
+    The strict check for a batch about to be encoded. ``validation.validate_batch`` is the
+    policy-driven one that can quarantine bad rows instead.
+    """
+    check_features(frame, contract)
+    return {"rows": len(frame), "columns": len(contract.feature_columns)}

@@ -1,0 +1,1 @@
+"""MLflow: runs and metrics, the registered encoder bundle, aliases and the promotion gate."""

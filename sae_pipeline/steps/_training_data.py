@@ -1,0 +1,157 @@
+"""Training steps on data: ingest, validate (snapshot), split and fit the scaler."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sae_pipeline import storage
+from sae_pipeline.config import PipelineConfig
+from sae_pipeline.steps._run import _uri, config_of
+
+log = logging.getLogger(__name__)
+
+
+# ---- data -------------------------------------------------------------------------------------
+def ingest(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Read the source once and keep it, as read, as the run's raw copy; the source is only read."""
+    from sae_pipeline.data.contract import content_hash
+    from sae_pipeline.data.snapshot import parquet_bytes, parquet_safe
+    from sae_pipeline.data.sources import describe_source, read_source, source_format
+
+    cfg = config_of(ctx)
+    out = _uri(ctx, "ingest", "raw.parquet")
+    manifest_uri = _uri(ctx, "ingest", "manifest.json")
+    if storage.exists(manifest_uri):
+        return storage.read_json(manifest_uri)
+    frame = parquet_safe(read_source(cfg.data))
+    storage.write_bytes(out, parquet_bytes(frame))
+    manifest = {
+        "raw": out,
+        "rows_in": len(frame),
+        "raw_hash": content_hash(frame),
+        "source": describe_source(cfg.data.source),
+        "source_format": source_format(cfg.data),
+    }
+    storage.write_json(manifest_uri, manifest)
+    log.info("ingested %d rows from %s", len(frame), manifest["source"])
+    return manifest
+
+
+def validate(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Validate the raw copy against the data contract (the configured one, or one recorded now).
+
+    Writes the snapshot folder ``validate/`` exactly as ``sae-pipeline ingest`` does: accepted
+    rows, quarantined rows with their reasons, and ``manifest.json`` (counts, content hash,
+    contract). Rows in, accepted and quarantined go to the log and to MLflow.
+    """
+    from sae_pipeline.data import snapshot
+
+    cfg = config_of(ctx)
+    out_dir = _uri(ctx, "validate")
+    if storage.exists(storage.join(out_dir, snapshot.MANIFEST)):
+        return snapshot.summary(snapshot.read_manifest(out_dir), out_dir)
+    raw = storage.read_json(_uri(ctx, "ingest", "manifest.json"))
+    frame = storage.read_parquet(raw["raw"])
+    contract = snapshot.load_contract(cfg.data.contract) if cfg.data.contract else None
+    manifest = snapshot.write_snapshot(
+        frame,
+        cfg.data,
+        out_dir,
+        contract,
+        source=raw.get("source"),
+        source_format=raw.get("source_format"),
+    )
+    result = snapshot.summary(manifest, out_dir)
+    log.info(
+        "validated %d rows in: %d accepted, %d quarantined; snapshot %s",
+        result["rows_in"],
+        result["rows_accepted"],
+        result["rows_quarantined"],
+        result["content_hash"],
+    )
+    if result["rows_quarantined"]:
+        log.warning(
+            "%d of %d rows quarantined (%s): %s",
+            result["rows_quarantined"],
+            result["rows_in"],
+            result["quarantine"],
+            "; ".join(p["message"] for p in manifest["problems"]),
+        )
+    for warning in manifest["warnings"]:
+        log.warning("%s", warning)
+    _track_snapshot(ctx, cfg, result)
+    return result
+
+
+def _track_snapshot(ctx: dict[str, Any], cfg: PipelineConfig, result: dict[str, Any]) -> None:
+    """Counts as metrics, the content hash as a tag, manifest and quarantine as artifacts."""
+    import tempfile
+
+    from sae_pipeline.registry import tracking
+
+    counts = {k: result[k] for k in ("rows_in", "rows_accepted", "rows_quarantined")}
+    tracking.log_metrics(cfg, ctx["mlflow_run_id"], counts)
+    tracking.set_run_tags(cfg, ctx["mlflow_run_id"], {"sae.data_hash": result["content_hash"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        for uri in (result["manifest"], result["quarantine"]):
+            if uri:
+                local = Path(tmp) / uri.rsplit("/", 1)[-1]
+                local.write_bytes(storage.read_bytes(uri))
+                tracking.log_artifact_file(cfg, ctx["mlflow_run_id"], str(local), "data")
+
+
+def split(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Deterministic train/validation/test split of the accepted rows."""
+    from sae_pipeline.data.contract import split_indices
+
+    cfg = config_of(ctx)
+    out = _uri(ctx, "split", "indices.npz")
+    if not storage.exists(out):
+        from sae_pipeline.data.snapshot import read_manifest, read_snapshot
+
+        manifest = read_manifest(_uri(ctx, "validate"))
+        frame = read_snapshot(_uri(ctx, "validate"), verify=True)
+        label = manifest["contract"]["label_column"]
+        labels = frame[label].to_numpy() if label else None
+        storage.write_arrays(out, **split_indices(len(frame), labels, cfg.split))
+    idx = storage.read_arrays(out)
+    return {"indices": out, **{f"rows_{k}": len(v) for k, v in idx.items()}}
+
+
+def _dataset(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Features and labels of each part, unscaled, from the snapshot and the split."""
+    import numpy as np
+
+    from sae_pipeline.data.snapshot import read_manifest, read_snapshot
+
+    manifest = read_manifest(_uri(ctx, "validate"))
+    contract = manifest["contract"]
+    frame = read_snapshot(_uri(ctx, "validate"))
+    idx = storage.read_arrays(_uri(ctx, "split", "indices.npz"))
+    x = frame[contract["feature_columns"]].to_numpy(dtype=np.float64)
+    y = frame[contract["label_column"]].to_numpy() if contract["label_column"] else None
+    data: dict[str, Any] = {"frame": frame, "contract": contract}
+    for part, ix in idx.items():
+        data[f"x_{part}"] = x[ix]
+        data[f"y_{part}"] = y[ix] if y is not None else None
+    return data
+
+
+def fit_scaler(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Fit the scaler on the training part only and store it with the scaled parts."""
+    from sae_pipeline.data.scaling import apply_scaler
+    from sae_pipeline.data.scaling import fit_scaler as fit
+
+    cfg = config_of(ctx)
+    scaler_uri, scaled_uri = _uri(ctx, "scaler", "scaler.joblib"), _uri(ctx, "scaler", "scaled.npz")
+    if not storage.exists(scaled_uri):
+        data = _dataset(ctx)
+        scaler = fit(cfg.scaler.kind, data["x_train"])
+        storage.write_pickle(scaler_uri, scaler)
+        storage.write_arrays(
+            scaled_uri,
+            **{p: apply_scaler(scaler, data[f"x_{p}"]) for p in ("train", "val", "test")},
+        )
+    return {"scaler": scaler_uri, "scaled": scaled_uri, "kind": cfg.scaler.kind}

@@ -1,0 +1,424 @@
+"""The drift monitor's steps: reference, check (reports, MLflow, decision), retraining data.
+
+Each step takes the small context of ``batch_context`` (champion version pinned), writes to
+the artifact store atomically and returns a small JSON-able dict; the DAG and the CLI call the
+same functions. Where things go::
+
+    <root>/monitoring/reference/<model>/v<version>-<sample>.parquet    the champion's reference
+    <root>/monitoring/checks/<run key>/{raw,codes,reconstruction_error}.{html,json}, summary.json
+    <root>/retraining/<run key>/training_data.parquet                  champion snapshot + batch
+
+and one MLflow run per check in the monitoring experiment (``DriftPolicy.experiment``): the
+summary as the run's description, the drift shares as metrics, the reports as artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sae_pipeline import storage
+from sae_pipeline.data import batches
+from sae_pipeline.errors import DataError
+from sae_pipeline.monitoring.drift import SIGNALS, DriftPolicy
+from sae_pipeline.registry import champion
+from sae_pipeline.registry.champion import ModelRef
+from sae_pipeline.steps.batch_context import batch_context
+
+log = logging.getLogger(__name__)
+
+CHECK_TAG = "sae.check_key"
+HELDOUT_COLUMN = "heldout"
+
+
+def _ref(ctx: dict[str, Any]) -> ModelRef:
+    return ModelRef.from_dict(ctx["model"])
+
+
+def _policy(ctx: dict[str, Any]) -> DriftPolicy:
+    return DriftPolicy.model_validate(ctx["policy"])
+
+
+def check_dir(ctx: dict[str, Any]) -> str:
+    return storage.join(ctx["artifacts_root"], "monitoring", "checks", ctx["run_key"])
+
+
+# DAG params -> drift policy fields they override (None leaves the policy's value).
+POLICY_PARAMS = {
+    "drift_share": "drift_share",
+    "min_rows": "min_rows",
+    "sample_rows": "sample_rows",
+    "retrain": "retrain",
+    "monitoring_experiment": "experiment",
+}
+
+
+def policy_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """DAG params as dotted policy overrides; ``signal_thresholds`` sets per-signal shares."""
+    out = {field: params.get(name) for name, field in POLICY_PARAMS.items()}
+    for signal, share in (params.get("signal_thresholds") or {}).items():
+        out[f"signals.{signal}.drift_share"] = share
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def context(run_id: str, params: dict[str, Any], events=None, latest=None) -> dict[str, Any]:
+    """The drift DAG's context: ``batch_context`` plus the resolved drift policy."""
+    policy_path = params.get("policy_path") or os.environ.get("SAE_DRIFT_POLICY")
+    ctx = batch_context(run_id, params, events, latest)
+    return prepare(ctx, policy_path, policy_overrides(params))
+
+
+def prepare(
+    ctx: dict[str, Any], policy_path: str | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Add the resolved drift policy to a batch context (``batch_context``)."""
+    from sae_pipeline.monitoring.drift import load_policy
+
+    return {**ctx, "policy": load_policy(policy_path, overrides).model_dump(mode="json")}
+
+
+# ---- reference --------------------------------------------------------------------------------
+def reference(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The champion's reference signals, computed once per version and kept in the store.
+
+    Raw features and codes come from the training snapshot. The reconstruction error's
+    reference comes from the snapshot's held-out rows (validation and test split) only: the
+    model has fitted its training rows, so their errors are lower than those of any new rows
+    drawn from the same distribution, and a clean batch would look drifted.
+    """
+    ref, policy = _ref(ctx), _policy(ctx)
+    tag = f"n{policy.sample_rows}-s{policy.seed}" if policy.sample_rows else "all"
+    uri = storage.join(
+        ctx["artifacts_root"], "monitoring", "reference", ref.name, f"v{ref.version}-{tag}.parquet"
+    )
+    if storage.exists(uri + ".json"):  # written last: the reference is complete
+        return {"reference": uri, **storage.read_json(uri + ".json")}
+    import pandas as pd
+
+    from sae_pipeline.engine.encoder import ERROR_COLUMN, encode_rows
+
+    encoder = champion.load_encoder(ref)
+    snapshot = champion.training_snapshot(ref)
+    split = champion.split_indices(ref)
+    heldout = np.zeros(len(snapshot), dtype=bool)
+    if split is not None:
+        heldout[np.concatenate([split["val"], split["test"]])] = True
+    else:
+        heldout[:] = True  # no split stored: the best available is every row
+    keep = np.arange(len(snapshot))
+    if policy.sample_rows and len(snapshot) > policy.sample_rows:
+        rng = np.random.default_rng(policy.seed)
+        keep = np.sort(rng.choice(len(snapshot), policy.sample_rows, replace=False))
+    x = snapshot[encoder.contract.feature_columns].to_numpy(dtype=np.float64)[keep]
+    codes, err = encode_rows(encoder, x)
+    frame = pd.DataFrame(x, columns=encoder.contract.feature_columns)
+    frame[encoder.code_columns] = codes
+    frame[ERROR_COLUMN] = err
+    frame[HELDOUT_COLUMN] = heldout[keep]
+    storage.write_parquet(uri, frame)
+    meta = {"rows": len(frame), "rows_heldout": int(frame[HELDOUT_COLUMN].sum())}
+    storage.write_json(uri + ".json", meta)
+    log.info("reference of %s v%s: %s", ref.name, ref.version, meta)
+    return {"reference": uri, **meta}
+
+
+# ---- the check --------------------------------------------------------------------------------
+def check(
+    ctx: dict[str, Any],
+    reference_info: dict[str, Any],
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Three Evidently reports, saved and logged, and the policy's decision.
+
+    Returns the summary (without per-column detail), which ``summary.json`` holds in full.
+    ``on_stage`` is told each stage as it finishes (the CLI's progress bar).
+    """
+
+    from sae_pipeline.engine.encoder import ERROR_COLUMN
+    from sae_pipeline.monitoring.drift import decide, run_report, signal_frames, summary_markdown
+
+    out = check_dir(ctx)
+    summary_uri = storage.join(out, "summary.json")
+    if storage.exists(summary_uri):  # a retry: the reports and the MLflow run exist
+        return _short(storage.read_json(summary_uri))
+    ref, policy = _ref(ctx), _policy(ctx)
+    encoder = champion.load_encoder(ref)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    current_raw, counts = batches.read_batch_sample(
+        ctx, encoder.contract.feature_columns, policy.sample_rows, policy.seed
+    )
+    timings["read_batch"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    current = signal_frames(encoder, current_raw)
+    timings["encode_batch"] = time.perf_counter() - t0
+    stage = on_stage or (lambda _name: None)
+    stage("read and encode the batch")
+    t0 = time.perf_counter()
+    ref_frame = storage.read_parquet(reference_info["reference"])
+    heldout = ref_frame[HELDOUT_COLUMN].to_numpy()
+    reference_frames = {
+        "raw": ref_frame[encoder.contract.feature_columns],
+        "codes": ref_frame[encoder.code_columns],
+        # Held-out rows only: see ``reference``.
+        "reconstruction_error": ref_frame.loc[heldout, [ERROR_COLUMN]].reset_index(drop=True),
+    }
+    timings["read_reference"] = time.perf_counter() - t0
+
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SIGNALS:
+            if not policy.signal(name).enabled or len(current_raw) == 0:
+                continue
+            t0 = time.perf_counter()
+            snapshot, results[name] = run_report(
+                current[name], reference_frames[name], policy, name
+            )
+            timings[f"evidently_{name}"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            snapshot.save_html(str(Path(tmp) / f"{name}.html"))
+            snapshot.save_json(str(Path(tmp) / f"{name}.json"))
+            timings[f"save_{name}"] = time.perf_counter() - t0
+            stage(f"{name} report")
+        decision = decide(results, counts["rows_valid"], policy)
+        summary = {
+            "batch_key": ctx["batch"]["key"],
+            "batch_files": ctx["batch"]["files"],
+            "model_name": ref.name,
+            "model_version": ref.version,
+            **counts,
+            "rows_tested": len(current_raw),
+            "rows_reference": len(ref_frame),
+            "rows_reference_heldout": int(heldout.sum()),
+            **decision,
+            "signals": {k: _without(r, "per_column") for k, r in results.items()},
+            "policy": policy.model_dump(mode="json"),
+            "report_dir": out,
+            "dag_run_id": ctx["run_id"],
+        }  # fmt: skip
+        if len(current_raw):
+            summary["mean_reconstruction_error"] = {
+                "current": float(current["reconstruction_error"][ERROR_COLUMN].mean()),
+                "reference": float(reference_frames["reconstruction_error"][ERROR_COLUMN].mean()),
+            }
+        summary["summary"] = summary_markdown(summary)
+        storage.write_json(
+            str(Path(tmp) / "columns.json"), {k: r["per_column"] for k, r in results.items()}
+        )
+        t0 = time.perf_counter()
+        summary["mlflow_run_id"] = log_check(ctx, summary, tmp)
+        timings["mlflow"] = time.perf_counter() - t0
+        stage("log to MLflow")
+        summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        storage.write_json(str(Path(tmp) / "summary.json"), summary)
+        _client(ctx).log_artifact(
+            summary["mlflow_run_id"], str(Path(tmp) / "summary.json"), "drift"
+        )
+        _publish(Path(tmp), out)
+    log.info("drift check %s: %s", ctx["run_key"], summary["summary"])
+    return _short(summary)
+
+
+# ---- reports and MLflow ----------------------------------------------------------------------
+def _publish(local: Path, out: str) -> None:
+    """Copy the check's files to the store, ``summary.json`` last: it marks the check done."""
+    files = sorted(local.iterdir(), key=lambda f: f.name == "summary.json")
+    for f in files:
+        storage.write_bytes(storage.join(out, f.name), f.read_bytes())
+
+
+def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != key}
+
+
+def _short(summary: dict[str, Any]) -> dict[str, Any]:
+    """What goes through XCom: the decision and the shares, not the policy or the reports."""
+    keep = (
+        "batch_key", "model_name", "model_version", "rows_in", "rows_valid", "rows_quarantined",
+        "rows_tested", "drift_detected", "retrain_triggered", "decision", "reason",
+        "drifted_signals", "report_dir", "mlflow_run_id",
+    )  # fmt: skip
+    out = {k: summary[k] for k in keep if k in summary}
+    out["drift_share"] = {k: r["drift_share"] for k, r in summary["signals"].items()}
+    return out
+
+
+def _client(ctx: dict[str, Any]):
+    from mlflow import MlflowClient
+
+    uri = ctx["tracking_uri"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def log_check(ctx: dict[str, Any], summary: dict[str, Any], report_dir: str) -> str:
+    """One MLflow run per check (found again by its key on a retry); returns its id.
+
+    The description is the summary's text; metrics, tags and the reports go in one batch each.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    from sae_pipeline.config import build_config
+    from sae_pipeline.registry import tracking
+
+    c = _client(ctx)
+    cfg = build_config({}, {"registry.experiment": summary["policy"]["experiment"]})
+    exp = tracking.experiment_id(c, cfg)
+    key = ctx["run_key"]
+    found = c.search_runs([exp], filter_string=f"tags.`{CHECK_TAG}` = '{key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_name = f"{summary['batch_key']}-v{summary['model_version']}"
+        run_id = c.create_run(exp, run_name=run_name, tags={CHECK_TAG: key}).info.run_id
+    ts = int(time.time() * 1000)
+    metrics = {
+        "rows_in": summary["rows_in"],
+        "rows_valid": summary["rows_valid"],
+        "rows_quarantined": summary["rows_quarantined"],
+        "rows_tested": summary["rows_tested"],
+        "drift_detected": float(summary["drift_detected"]),
+        "retrain_triggered": float(summary["retrain_triggered"]),
+    }
+    for name, r in summary["signals"].items():
+        metrics[f"drift_share_{name}"] = r["drift_share"]
+        metrics[f"drifted_columns_{name}"] = r["drifted_columns"]
+    for which, v in summary.get("mean_reconstruction_error", {}).items():
+        metrics[f"mean_reconstruction_error_{which}"] = v
+    tags = {
+        "mlflow.note.content": summary["summary"],
+        "sae.batch": summary["batch_key"],
+        "sae.model_name": summary["model_name"],
+        "sae.model_version": summary["model_version"],
+        "sae.drift.decision": summary["decision"],
+        "sae.drift.reason": summary["reason"][:5000],
+        "sae.dag_run_id": summary["dag_run_id"],
+    }
+    policy = summary["policy"]
+    params = {
+        "batch_files": ",".join(summary["batch_files"])[:6000],
+        "drift_share": policy["drift_share"],
+        "min_rows": policy["min_rows"],
+        "sample_rows": policy["sample_rows"],
+    }
+    for name, sp in policy["signals"].items():
+        for k, v in sp.items():
+            params[f"{name}.{k}"] = v
+    existing = c.get_run(run_id).data.params
+    c.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)) for k, v in params.items() if k not in existing],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
+    c.log_artifacts(run_id, report_dir, artifact_path="drift")
+    c.set_terminated(run_id)
+    return run_id
+
+
+# ---- retraining -------------------------------------------------------------------------------
+def training_conf(ctx: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The training DAG's conf when the check asks for retraining, else None.
+
+    The new training data is the champion's training snapshot plus the batch's valid rows,
+    written once to the store; the config is the champion's own (same architecture and
+    settings), with only the data source replaced.
+    """
+    import pandas as pd
+
+    if not summary.get("retrain_triggered"):
+        return None
+    ref = _ref(ctx)
+    out = storage.join(ctx["artifacts_root"], "retraining", ctx["run_key"], "training_data.parquet")
+    if not storage.exists(out):
+        contract = champion.validate_manifest(ref)["contract"]
+        features = contract["feature_columns"]
+        label, id_col = contract.get("label_column"), contract.get("id_column")
+        snapshot = champion.training_snapshot(ref)
+        names = set()
+        for f in ctx["batch"]["files"]:
+            with batches.open_parquet(f) as pf:
+                names |= set(pf.schema_arrow.names)
+        if id_col and id_col not in names:
+            raise DataError(
+                f"the champion's data has the id column {id_col!r} but batch "
+                f"{ctx['batch']['key']} lacks it; cannot retrain on the two together"
+            )
+        keep = [*features, *(c for c in (label, id_col) if c and c in names)]
+        if label and label not in names:
+            log.warning("batch lacks the label %r: retraining without it (no probes)", label)
+        parts = []
+        for rb in batches.iter_chunks(ctx["batch"]["files"], keep, 65_536):
+            ok, _ = batches.finite_rows(batches.feature_matrix(rb, features), features)
+            parts.append(rb.to_pandas()[ok])
+        new = pd.concat(parts, ignore_index=True)
+        combined = pd.concat([snapshot[keep], new[keep]], ignore_index=True)
+        storage.write_parquet(out, combined)
+        log.info(
+            "retraining data %s: %d champion row(s) + %d batch row(s)",
+            out,
+            len(snapshot),
+            len(new),
+        )
+    conf: dict[str, Any] = {
+        "data_source": out,
+        "artifacts_root": ctx["artifacts_root"],
+        "tracking_uri": ctx["tracking_uri"],
+        "encoder_model_name": ref.name,
+        "scaler_model_name": ctx["scaler_model_name"],
+    }
+    config = champion.config_uri(ref)
+    if storage.is_local(config) and storage.exists(config):
+        conf["config_path"] = str(storage.local_path(config))
+    return conf
+
+
+# ---- outside Airflow --------------------------------------------------------------------------
+def run_check(ctx: dict[str, Any], progress: bool = False) -> dict[str, Any]:
+    """Reference and check in this process (the CLI's ``drift``), with a progress bar."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        policy = _policy(ctx)
+        signals = sum(policy.signal(s).enabled for s in SIGNALS)
+        bar = tqdm(total=3 + signals, desc="drift check", unit="step")
+    try:
+        ref = reference(ctx)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str("reference")
+
+        def on_stage(name: str) -> None:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(name)
+
+        return check(ctx, ref, on_stage)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def retrain(ctx: dict[str, Any], summary: dict[str, Any], run_id: str) -> dict[str, Any] | None:
+    """Run the training steps in this process on what the DAG would queue; None if not due."""
+    from sae_pipeline.steps.training import run_training
+
+    conf = training_conf(ctx, summary)
+    if conf is None:
+        return None
+    overrides = {
+        "data.source": conf["data_source"],
+        "artifacts_root": conf["artifacts_root"],
+        "registry.tracking_uri": conf["tracking_uri"],
+        "registry.encoder_model_name": conf["encoder_model_name"],
+        "registry.scaler_model_name": conf["scaler_model_name"],
+    }
+    result = run_training(run_id, conf.get("config_path"), overrides)
+    return {k: result[k] for k in ("evaluate", "register", "promote")}

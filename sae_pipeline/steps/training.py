@@ -1,0 +1,225 @@
+"""The training DAG's steps, in DAG order: plain Python, no Airflow.
+
+prepare -> ingest -> validate -> split -> fit_scaler -> [candidates] -> pretrain_layer (each
+layer) -> finetune -> evaluate -> register -> promote. The data steps live in
+``_training_data``, the network steps in ``_training_net``, the run context in ``_run``; this
+module is the one the DAG file and the CLI call. See ``_run`` for the contract every step keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sae_pipeline import storage
+from sae_pipeline.config import PipelineConfig
+from sae_pipeline.registry.gate import gate_decision
+from sae_pipeline.steps._run import _uri, code_version, config_of, prepare
+from sae_pipeline.steps._training_data import _dataset, fit_scaler, ingest, split, validate
+from sae_pipeline.steps._training_net import (
+    finetune,
+    load_encoder,
+    load_trained,
+    pretrain_layer,
+    select_candidate,
+    try_candidate,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "config_of",
+    "evaluate",
+    "finetune",
+    "fit_scaler",
+    "gate_decision",
+    "ingest",
+    "load_encoder",
+    "load_trained",
+    "prepare",
+    "pretrain_layer",
+    "promote",
+    "register",
+    "run_training",
+    "select_candidate",
+    "split",
+    "try_candidate",
+    "validate",
+]
+
+
+# ---- evaluation and registry ------------------------------------------------------------------
+def evaluate(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Test reconstruction and probe accuracy: SAE codes vs raw features vs PCA."""
+    from sae_pipeline.engine import trainer
+    from sae_pipeline.engine.evaluation import evaluate_features, reconstruction_errors
+    from sae_pipeline.registry import tracking
+
+    cfg = config_of(ctx)
+    out = _uri(ctx, "evaluate", "metrics.json")
+    if storage.exists(out):
+        return storage.read_json(out)
+    scaled = storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
+    data = _dataset(ctx)
+    net, pretrained = load_trained(ctx, "model"), load_trained(ctx, "pretrained")
+    x_train, x_test = scaled["train"], scaled["test"]
+    metrics = evaluate_features(
+        x_train,
+        x_test,
+        trainer.encode_array(net, x_train),
+        trainer.encode_array(net, x_test),
+        trainer.reconstruct_array(net, x_test),
+        data["y_train"],
+        data["y_test"],
+        cfg.evaluation.probe_max_iter,
+        cfg.training.seed,
+    )
+    pre = reconstruction_errors(x_test, trainer.reconstruct_array(pretrained, x_test))
+    metrics["pretrain_only_test_mse"] = pre["mse"]
+    metrics["pretrain_only_test_mae"] = pre["mae"]
+    metrics["rows_test"] = len(x_test)
+    _log_pictures(ctx, cfg, net, x_test, data["y_test"])
+    storage.write_json(out, metrics)
+    tracking.log_metrics(cfg, ctx["mlflow_run_id"], metrics)
+    log.info("evaluation: %s", metrics)
+    return metrics
+
+
+def _log_pictures(ctx, cfg, net, x_test, y_test) -> None:
+    """Loss curves, reconstructions, code map and first-layer filters, logged to MLflow."""
+    import tempfile
+
+    from sae_pipeline.engine import plots, trainer
+    from sae_pipeline.registry import tracking
+
+    histories = {
+        f"layer {k}": storage.read_json(_uri(ctx, "pretrain", f"layer_{k}_history.json"))
+        for k in range(1, cfg.n_layers + 1)
+    }
+    histories["fine-tune"] = storage.read_json(_uri(ctx, "finetune", "history.json"))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = plots.save_all(
+            Path(tmp),
+            histories,
+            x_test,
+            trainer.reconstruct_array(net, x_test),
+            trainer.encode_array(net, x_test),
+            y_test,
+            net.encoders[0].weight.detach().numpy(),
+        )
+        for path in paths:
+            tracking.log_artifact_file(cfg, ctx["mlflow_run_id"], str(path), "plots")
+            storage.write_bytes(_uri(ctx, "evaluate", "plots", path.name), path.read_bytes())
+
+
+def register(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Register encoder bundle and scaler as new versions and give them the alias challenger."""
+    from sae_pipeline.registry import tracking
+
+    cfg = config_of(ctx)
+    manifest = storage.read_json(_uri(ctx, "validate", "manifest.json"))
+    encoder = load_encoder(ctx)
+    data = _dataset(ctx)
+    example = data["frame"].iloc[:20][encoder.contract.feature_columns]
+    lineage = {
+        "sae.data_hash": manifest["content_hash"],
+        "sae.dag_run_id": ctx["run_id"],
+        "sae.code_version": code_version(),
+        "sae.config_hash": cfg.config_hash(),
+        "sae.mlflow_run_id": ctx["mlflow_run_id"],
+    }
+    versions = tracking.register_encoder(
+        cfg, ctx["mlflow_run_id"], ctx["run_key"], encoder, example, lineage
+    )
+    names = {"encoder": cfg.registry.encoder_model_name, "scaler": cfg.registry.scaler_model_name}
+    for role, name in names.items():
+        tracking.set_alias(cfg, name, tracking.CHALLENGER, versions[role])
+    return {
+        "encoder_model_name": names["encoder"],
+        "scaler_model_name": names["scaler"],
+        "encoder_version": versions["encoder"],
+        "scaler_version": versions["scaler"],
+    }
+
+
+def _common_evaluation(ctx: dict[str, Any], cfg: PipelineConfig, name: str, version: str):
+    """Challenger and champion ``version`` measured on the challenger's test split:
+    (challenger metrics, champion metrics, basis), or None when that is not possible."""
+    import mlflow
+
+    from sae_pipeline.registry import gate as comparison
+    from sae_pipeline.registry import tracking
+
+    try:
+        champion = comparison.registered_encoder(tracking.tracking_uri(cfg), name, version)
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        log.warning("gate: champion %s v%s cannot be loaded (%s)", name, version, err)
+        return None
+    return comparison.on_test_split(
+        load_encoder(ctx), champion, _dataset(ctx), cfg.evaluation.probe_max_iter
+    )
+
+
+def promote(ctx: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
+    """Make the challenger champion if it passes the gate; record the decision on the version."""
+    from sae_pipeline.registry import tracking
+
+    cfg = config_of(ctx)
+    c = tracking.client(cfg)
+    enc_name, sc_name = registered["encoder_model_name"], registered["scaler_model_name"]
+    version = registered["encoder_version"]
+    challenger = storage.read_json(_uri(ctx, "evaluate", "metrics.json"))
+    current = tracking.alias_version(c, enc_name, tracking.CHAMPION)
+    champion_metrics = None
+    if current is not None and str(current.version) == version:
+        return {"promoted": True, "reason": "already champion", "champion_version": version}
+    basis = "no champion to compare with"
+    if current is not None:
+        champion_metrics = c.get_run(current.run_id).data.metrics
+        basis = "recorded metrics (the champion cannot run on the challenger's test rows)"
+        common = _common_evaluation(ctx, cfg, enc_name, str(current.version))
+        if common is not None:  # both models on the same rows: a fair comparison
+            challenger, champion_metrics, basis = common
+            tracking.log_metrics(
+                cfg,
+                ctx["mlflow_run_id"],
+                {f"gate_champion_{k}": v for k, v in champion_metrics.items()}
+                | {f"gate_challenger_{k}": v for k, v in challenger.items()},
+            )
+    promoted, reason = gate_decision(challenger, champion_metrics, cfg)
+    decision = "promoted" if promoted else "rejected"
+    for name, v in ((enc_name, version), (sc_name, registered["scaler_version"])):
+        c.set_model_version_tag(name, v, "sae.gate.decision", decision)
+        c.set_model_version_tag(name, v, "sae.gate.reason", reason)
+        c.set_model_version_tag(name, v, "sae.gate.basis", basis)
+        if current is not None:
+            c.set_model_version_tag(name, v, "sae.gate.compared_to", str(current.version))
+    if promoted:
+        tracking.set_alias(cfg, enc_name, tracking.CHAMPION, version)
+        tracking.set_alias(cfg, sc_name, tracking.CHAMPION, registered["scaler_version"])
+    tracking.set_run_tags(
+        cfg, ctx["mlflow_run_id"], {"sae.gate.decision": decision, "sae.gate.reason": reason}
+    )
+    champion = version if promoted else (str(current.version) if current else None)
+    log.info("gate: %s (%s); champion is version %s", decision, reason, champion)
+    return {"promoted": promoted, "reason": reason, "champion_version": champion}
+
+
+def run_training(
+    run_id: str, config_path: str | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every training step in DAG order; returns what each step returned."""
+    ctx = prepare(run_id, config_path, overrides)
+    cfg = config_of(ctx)
+    result: dict[str, Any] = {"context": ctx}
+    result["ingest"] = ingest(ctx)
+    result["validate"] = validate(ctx)
+    result["split"] = split(ctx)
+    result["fit_scaler"] = fit_scaler(ctx)
+    result["pretrain"] = [pretrain_layer(ctx, k) for k in range(1, cfg.n_layers + 1)]
+    result["finetune"] = finetune(ctx)
+    result["evaluate"] = evaluate(ctx)
+    result["register"] = register(ctx)
+    result["promote"] = promote(ctx, result["register"])
+    return result

@@ -1,0 +1,204 @@
+"""Batch encoding: planning, streaming, quarantine, atomic commit, and the DAG's wiring."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sae_pipeline.data import batches
+from sae_pipeline.data.contract import Contract
+from sae_pipeline.data.scaling import fit_scaler
+from sae_pipeline.engine import batch_encoding
+from sae_pipeline.engine.encoder import Encoder
+from sae_pipeline.engine.net import Architecture, build_net
+from sae_pipeline.errors import DataError
+from sae_pipeline.steps import encoding
+from sae_pipeline.steps.batch_context import batch_context
+
+REPO = Path(__file__).resolve().parents[2]
+FEATURES = [f"x{i}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    rng = np.random.default_rng(0)
+    contract = Contract(FEATURES, dict.fromkeys(FEATURES, "float64"), None, "id")
+    scaler = fit_scaler("minmax", rng.normal(size=(200, len(FEATURES))))
+    return Encoder(contract, scaler, build_net(Architecture(len(FEATURES), [5, 3]), seed=0))
+
+
+def frame(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    out = pd.DataFrame(rng.normal(size=(n, len(FEATURES))).astype(np.float32), columns=FEATURES)
+    out.insert(0, "id", [f"r{i}" for i in range(n)])
+    return out
+
+
+def write(path: Path, data: pd.DataFrame, row_group: int) -> str:
+    pq.write_table(pa.Table.from_pandas(data, preserve_index=False), path, row_group_size=row_group)
+    return str(path)
+
+
+def test_plan_cuts_whole_row_groups_and_numbers_rows_across_files(tmp_path):
+    a = write(tmp_path / "a.parquet", frame(450), 100)
+    b = write(tmp_path / "b.parquet", frame(120), 100)
+    shards = batch_encoding.plan(batches.list_files(str(tmp_path)), shard_rows=250)
+    got = [(Path(s["file"]).name, s["row_groups"], s["first_row"], s["rows"]) for s in shards]
+    assert got == [
+        ("a.parquet", [0, 1], 0, 200),
+        ("a.parquet", [2, 3, 4], 200, 250),
+        ("b.parquet", [0, 1], 450, 120),
+    ]
+    assert [s["index"] for s in shards] == [0, 1, 2]
+    assert batches.list_files([a, b]) == [a, b]
+
+
+def test_shards_stream_in_chunks_and_match_the_encoder(tmp_path, encoder):
+    data = frame(530)
+    data.loc[7, "x1"] = np.nan
+    data.loc[8, "x4"] = -np.inf
+    table = pa.Table.from_pandas(data, preserve_index=False)
+    # A null (not NaN) is missing too.
+    x5 = pa.array([None if i == 500 else v for i, v in enumerate(data["x5"].tolist())])
+    table = table.set_column(table.schema.get_field_index("x5"), "x5", x5.cast(pa.float32()))
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=128)
+    files = batches.list_files(str(tmp_path / "in.parquet"))
+    seen = []
+    results = [
+        batch_encoding.encode_shard(
+            encoder, s, str(tmp_path / f"out/{s['index']}.parquet"),
+            str(tmp_path / f"q/{s['index']}.parquet"), id_column="id", chunk_rows=50,
+            on_rows=seen.append,
+        )
+        for s in batch_encoding.plan(files, shard_rows=256)
+    ]  # fmt: skip
+    assert sum(r["rows_in"] for r in results) == sum(seen) == 530
+    assert sum(r["rows_quarantined"] for r in results) == 3
+    assert max(seen) == 50  # fixed-size chunks, never a whole shard
+    out = pd.concat([pd.read_parquet(r["part"]) for r in results], ignore_index=True)
+    keep = data.drop(index=[7, 8, 500])
+    assert out["row"].tolist() == keep.index.tolist()
+    assert out["id"].tolist() == keep["id"].tolist()
+    expected = encoder.transform(keep, output="all")
+    np.testing.assert_allclose(out[encoder.code_columns], expected[encoder.code_columns], rtol=1e-5)
+    np.testing.assert_allclose(
+        out["reconstruction_error"], expected["reconstruction_error"], rtol=1e-4, atol=1e-8
+    )
+    quarantined = pd.concat([pd.read_parquet(r["quarantine"]) for r in results if r["quarantine"]])
+    reasons = dict(zip(quarantined["_row"], quarantined["_quarantine_reason"], strict=True))
+    assert reasons == {
+        7: "column 'x1': missing value",
+        8: "column 'x4': infinite value -inf",
+        500: "column 'x5': missing value",
+    }
+    assert quarantined["id"].tolist() == ["r7", "r8", "r500"]
+
+
+def test_batch_is_checked_against_the_contract_before_anything_runs(tmp_path, encoder):
+    missing = write(tmp_path / "missing.parquet", frame(20).drop(columns=["x3", "x5"]), 10)
+    with pytest.raises(DataError, match=r"lacks feature column\(s\).*: x3, x5"):
+        batches.inspect_batch([missing], encoder.contract)
+    text = frame(20).astype({"x2": str})
+    bad = write(tmp_path / "text.parquet", text, 10)
+    with pytest.raises(DataError, match=r"column 'x2' .* is string, not numeric"):
+        batches.inspect_batch([bad], encoder.contract)
+    (tmp_path / "b.csv").write_text("x0\n1\n")
+    with pytest.raises(DataError, match="is not Parquet"):
+        batches.list_files(str(tmp_path / "b.csv"))
+    with pytest.raises(DataError, match="batch not found"):
+        batches.list_files(str(tmp_path / "nope.parquet"))
+    (tmp_path / "junk.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(DataError, match=r"Parquet .*junk.parquet cannot be read"):
+        batches.inspect_batch([str(tmp_path / "junk.parquet")], encoder.contract)
+    info = batches.inspect_batch([write(tmp_path / "ok.parquet", frame(30), 10)], encoder.contract)
+    assert info["rows"] == 30
+    assert info["key"] == batches.batch_key(info["files"], [30])  # stable for the same files
+
+
+def test_batch_paths_come_from_asset_events():
+    events = {
+        "sae_new_batches": [
+            SimpleNamespace(extra={"path": "s3://landing/a.parquet"}),
+            SimpleNamespace(extra={"path": ["/b.parquet", "/c.parquet"]}),
+            SimpleNamespace(extra={"note": "no path"}, asset=SimpleNamespace(uri="sae://x")),
+        ]
+    }
+    assert batches.sources_from_events(events) == [
+        "s3://landing/a.parquet", "/b.parquet", "/c.parquet",
+    ]  # fmt: skip
+    assert batches.sources_from_events(None) == []
+
+
+def test_prefetch_keeps_order_and_reraises_errors():
+    assert list(batches.prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("disk on fire")
+
+    with pytest.raises(ValueError, match="disk on fire"):
+        list(batches.prefetch(broken()))
+
+
+def test_commit_publishes_at_once_checks_counts_and_is_idempotent(tmp_path, encoder, monkeypatch):
+    from sae_pipeline.registry import champion
+
+    monkeypatch.setattr(champion, "load_encoder", lambda ref: encoder)
+    src = write(tmp_path / "batch.parquet", frame(300), 64)
+    info = batches.inspect_batch([src], encoder.contract)
+    ctx = {
+        "run_id": "manual__1",
+        "run_key": "manual__1",
+        "artifacts_root": str(tmp_path / "store"),
+        "model": {"name": "enc", "version": "3", "mlflow_run_id": "r", "run_key": "k",
+                  "tracking_uri": "sqlite://", "artifacts_root": str(tmp_path / "store")},
+        "batch": info,
+    }  # fmt: skip
+    ctx = encoding.prepare(ctx, shard_rows=128)
+    out = Path(ctx["output"])
+    assert out == tmp_path / "store/encodings/enc/v3" / info["key"]
+    shards = encoding.plan_step(ctx)
+    results = [encoding.encode_shard_step(ctx, s) for s in shards]
+    assert not out.exists()  # nothing visible before commit
+    with pytest.raises(DataError, match="but the batch has 300"):
+        encoding.commit_step(ctx, results[:-1])
+    assert not out.exists()
+    manifest = encoding.commit_step(ctx, results)
+    assert manifest["rows_in"] == manifest["rows_encoded"] == 300
+    assert sorted(p.name for p in out.iterdir()) == [
+        "_manifest.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet",
+    ]  # fmt: skip
+    assert not Path(ctx["staging"]).exists()
+    assert len(pd.read_parquet(out)) == 300  # readable as a Parquet dataset as it stands
+    assert len(encoding.read_output(str(out))) == 300
+    # The same batch with the same version again: nothing to plan, the same manifest.
+    again = encoding.prepare({**ctx, "run_id": "manual__2", "run_key": "manual__2"})
+    assert encoding.plan_step(again) == []
+    assert encoding.commit_step(again, []) == manifest
+    assert encoding.asset_extra(manifest)["path"] == str(out)
+
+
+def test_encoding_dag_wiring():
+    spec = importlib.util.spec_from_file_location("_t_enc", REPO / "dags/sae_batch_encoding.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dag = module.encoding_dag
+    assert set(dag.task_ids) == {"prepare", "plan", "encode_shard", "commit"}
+    assert dag.get_task("plan").downstream_task_ids == {"encode_shard"}
+    assert dag.get_task("encode_shard").downstream_task_ids == {"commit"}
+    assert [a.uri for a in dag.get_task("commit").outlets] == ["sae://batches/encoded"]
+    assert dag.get_task("commit").trigger_rule == "none_failed"
+    assert "sae://batches/new" in str(dag.timetable.asset_condition)
+
+
+def test_no_batch_anywhere_is_its_own_error(tmp_path):
+    params = {"artifacts_root": str(tmp_path), "tracking_uri": f"sqlite:///{tmp_path}/m.db"}
+    with pytest.raises(batches.NoBatch, match="no batch to process"):
+        batch_context("scheduled__1", params, events={}, latest=[])
