@@ -18,6 +18,7 @@ from sae_pipeline.registry.gate import gate_decision
 from sae_pipeline.steps._run import _uri, code_version, config_of, prepare
 from sae_pipeline.steps._training_data import _dataset, fit_scaler, ingest, split, validate
 from sae_pipeline.steps._training_net import (
+    architecture,
     finetune,
     load_encoder,
     load_trained,
@@ -29,6 +30,7 @@ from sae_pipeline.steps._training_net import (
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "architecture",
     "config_of",
     "evaluate",
     "finetune",
