@@ -1,6 +1,6 @@
 """The package's layers: nothing imports upward and there are no import cycles.
 
-Layers, top to bottom (shared/DESIGN.md): ``cli``/``demo`` -> ``steps`` -> ``registry``,
+Layers, top to bottom (docs/architecture.md): ``cli``/``demo`` -> ``steps`` -> ``registry``,
 ``monitoring`` -> ``engine`` -> ``data`` -> ``config`` -> ``storage``, ``errors``. A module may
 import from its own layer only where the graph stays acyclic, which the cycle check enforces.
 """
