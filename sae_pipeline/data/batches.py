@@ -131,12 +131,39 @@ def open_parquet(uri: str):
 
 
 def batch_key(files: Sequence[str], rows: Sequence[int]) -> str:
-    """A name for the batch that stays the same for the same files: ``<stem>-<hash>``."""
+    """A name for the batch that changes whenever its content does: ``<stem>-<hash>``.
+
+    The hash covers each file's path, row count and content identity (``content_identity``),
+    so a file overwritten with other rows of the same count gets a new key.
+    """
     h = hashlib.sha256()
     for f, n in zip(files, rows, strict=True):
-        h.update(f"{f}\x1f{n}\x1e".encode())
+        h.update(f"{f}\x1f{n}\x1f{content_identity(f)}\x1e".encode())
     stem = Path(files[0].rstrip("/")).stem if len(files) == 1 else Path(files[0]).parent.name
     return f"{storage.run_key(stem)[:40]}-{h.hexdigest()[:10]}"
+
+
+# What object stores report that changes whenever an object's bytes do (S3/Azure, GCS).
+_STORE_IDENTITIES = ("ETag", "etag", "md5Hash", "crc32c")
+
+
+def content_identity(uri: str) -> str:
+    """What identifies a file's content: the store's ETag or checksum, else a SHA-256 of it.
+
+    A local file is hashed (a modification time may not change between two quick writes).
+    """
+    if storage.is_local(uri):
+        with open(storage.local_path(uri), "rb") as fh:
+            return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    info = fs.info(path)
+    for name in _STORE_IDENTITIES:
+        if info.get(name):
+            return f"{name}:{info[name]}:{info.get('size')}"
+    with fs.open(path, "rb") as fh:
+        return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 # ---- the contract -----------------------------------------------------------------------------
