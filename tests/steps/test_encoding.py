@@ -428,3 +428,24 @@ def test_encode_never_removes_a_file_it_did_not_write(use_encoder, monkeypatch, 
             assert after.get(name) == data, f"{name} was removed or changed ({where})"
         if not user_files and where in ("new", "user folder", "our output"):
             assert not refused  # a new, empty or own folder is written
+
+
+def test_a_decimal_batch_encodes_like_its_floats(tmp_path, encoder):
+    from decimal import Decimal
+
+    data = frame(40).round(2)
+    table = pa.Table.from_pandas(data, preserve_index=False)
+    for c in FEATURES:
+        decimals = pa.array([Decimal(f"{v:.2f}") for v in data[c]], pa.decimal128(6, 2))
+        table = table.set_column(table.schema.get_field_index(c), c, decimals)
+    pq.write_table(table, tmp_path / "d.parquet")
+    files = batches.list_files(str(tmp_path / "d.parquet"))
+    batches.inspect_batch(files, encoder.contract)  # was: "is decimal128(6, 2), not numeric"
+    (shard,) = batch_encoding.plan(files)
+    result = batch_encoding.encode_shard(
+        encoder, shard, str(tmp_path / "p.parquet"), str(tmp_path / "q.parquet"), id_column="id"
+    )
+    assert result["rows_encoded"] == 40
+    expected = encoder.transform(data.astype(dict.fromkeys(FEATURES, "float64")), output="all")
+    got = pd.read_parquet(tmp_path / "p.parquet")
+    np.testing.assert_allclose(got[encoder.code_columns], expected[encoder.code_columns], rtol=1e-5)
