@@ -74,12 +74,12 @@ def sae_batch_encoding():
     def prepare(params=None, run_id=None, triggering_asset_events=None) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from sae_pipeline.errors import DataError
+        from sae_pipeline.errors import ConfigError, DataError
         from sae_pipeline.steps import encoding
 
         try:
             return encoding.context(run_id, params, triggering_asset_events)
-        except DataError as err:  # a batch that breaks the contract stays broken: no retries
+        except (ConfigError, DataError) as err:  # bad params or a bad batch stay so: no retries
             raise AirflowFailException(str(err)) from err
 
     @task

@@ -101,6 +101,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from sae_pipeline.steps import encoding
     from sae_pipeline.steps.batch_context import batch_context
 
+    encoding.check_sizes(args.chunk_rows, args.shard_rows)  # before any work
     params = {"batch": args.batch, "model_version": args.model_version, "config_path": args.config}
     ctx = batch_context(
         _cli_run_id(args.run_id, "encode"), params, overrides=_set_overrides(args.set)

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from sae_pipeline import storage
+from sae_pipeline.data._exact import decimal_to_float, decimals_as_floats
+from sae_pipeline.data._paths import data_files, is_hidden
 from sae_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def list_files(sources: str | Sequence[str]) -> list[str]:
                     for p in path.rglob("*")
                     if p.suffix in PARQUET_SUFFIXES
                     and p.is_file()
-                    and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts)
+                    and not is_hidden(p.relative_to(path).as_posix())
                 )
                 if not found:
                     raise DataError(f"batch folder {src} holds no Parquet files")
@@ -84,7 +86,7 @@ def list_files(sources: str | Sequence[str]) -> list[str]:
 
             fs, root = fsspec.core.url_to_fs(src)
             if fs.isdir(root):
-                found = sorted(p for p in fs.find(root) if p.endswith(PARQUET_SUFFIXES))
+                found = data_files(fs, root, PARQUET_SUFFIXES)
                 if not found:
                     raise DataError(f"batch folder {src} holds no Parquet files")
                 files.extend(fs.unstrip_protocol(p) for p in found)
@@ -131,17 +133,45 @@ def open_parquet(uri: str):
 
 
 def batch_key(files: Sequence[str], rows: Sequence[int]) -> str:
-    """A name for the batch that stays the same for the same files: ``<stem>-<hash>``."""
+    """A name for the batch that changes whenever its content does: ``<stem>-<hash>``.
+
+    The hash covers each file's path, row count and content identity (``content_identity``),
+    so a file overwritten with other rows of the same count gets a new key.
+    """
     h = hashlib.sha256()
     for f, n in zip(files, rows, strict=True):
-        h.update(f"{f}\x1f{n}\x1e".encode())
+        h.update(f"{f}\x1f{n}\x1f{content_identity(f)}\x1e".encode())
     stem = Path(files[0].rstrip("/")).stem if len(files) == 1 else Path(files[0]).parent.name
     return f"{storage.run_key(stem)[:40]}-{h.hexdigest()[:10]}"
 
 
+# What object stores report that changes whenever an object's bytes do (S3/Azure, GCS).
+_STORE_IDENTITIES = ("ETag", "etag", "md5Hash", "crc32c")
+
+
+def content_identity(uri: str) -> str:
+    """What identifies a file's content: the store's ETag or checksum, else a SHA-256 of it.
+
+    A local file is hashed (a modification time may not change between two quick writes).
+    """
+    if storage.is_local(uri):
+        with open(storage.local_path(uri), "rb") as fh:
+            return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    info = fs.info(path)
+    for name in _STORE_IDENTITIES:
+        if info.get(name):
+            return f"{name}:{info[name]}:{info.get('size')}"
+    with fs.open(path, "rb") as fh:
+        return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 # ---- the contract -----------------------------------------------------------------------------
 def check_schema(schema, contract, where: str) -> None:
-    """Every feature column of the contract is present and numeric (Arrow types)."""
+    """Every feature column of the contract is present and numeric (Arrow types; decimals are
+    numbers too, read as float64, as ingest and training read them)."""
     import pyarrow as pa
 
     names = set(schema.names)
@@ -153,7 +183,8 @@ def check_schema(schema, contract, where: str) -> None:
         raise DataError(f"batch {where} lacks feature column(s) of the model's contract: {shown}")
     for col in contract.feature_columns:
         t = schema.field(col).type
-        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+        numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+        if not (numeric or pa.types.is_boolean(t)):
             raise DataError(f"column {col!r} of batch {where} is {t}, not numeric")
 
 
@@ -173,7 +204,7 @@ def inspect_batch(files: Sequence[str], contract, sample_rows: int = 1000) -> di
                 head = next(
                     pf.iter_batches(batch_size=sample_rows, columns=contract.feature_columns)
                 )
-                sample = head.to_pandas()
+                sample = decimals_as_floats(head).to_pandas()
     total = int(sum(rows))
     if total == 0:
         raise DataError(f"batch {files[0]} has a header but no rows")
@@ -210,10 +241,14 @@ def feature_matrix(batch, columns: Sequence[str]) -> np.ndarray:
     Column-major, like the matrix of a pandas frame: each Arrow column lands in contiguous
     memory, which makes this copy and the scaler's pass several times faster than row-major.
     """
+    import pyarrow as pa
+
     x = np.empty((batch.num_rows, len(columns)), dtype=np.float64, order="F")
     for j, col in enumerate(columns):
         arr = batch.column(col)
-        if arr.null_count:
+        if pa.types.is_decimal(arr.type):
+            arr = decimal_to_float(arr)
+        elif arr.null_count:
             arr = arr.cast("float64")
         x[:, j] = arr.to_numpy(zero_copy_only=False)
     return x

@@ -65,8 +65,11 @@ def write_snapshot(
     written once).
     """
     result = validate_batch(frame, cfg, contract)
-    accepted = parquet_safe(result.accepted)
-    digest = content_hash(accepted)
+    files = _accepted_files(parquet_safe(result.accepted), cfg.snapshot_shard_rows)
+    # The hash of what is written, read back as readers will (a boolean or id column can come
+    # back with another pandas type than it was given in).
+    parts = [_decode(data, name) for name, data in files]
+    digest = content_hash(parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True))
     manifest_uri = storage.join(out_dir, MANIFEST)
     if storage.exists(manifest_uri):
         existing = read_manifest(out_dir)
@@ -76,7 +79,9 @@ def write_snapshot(
             f"{out_dir} already holds snapshot {existing.get('content_hash')} of other data "
             f"(this batch is {digest}); write to a new folder"
         )
-    shards = _write_accepted(out_dir, accepted, cfg.snapshot_shard_rows)
+    for name, data in files:
+        storage.write_bytes(storage.join(out_dir, name), data)
+    shards = [name for name, _ in files]
     quarantine = None
     if result.rows_quarantined:
         quarantine = QUARANTINE_FILE
@@ -216,31 +221,38 @@ def parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read_parquet(uri: str) -> pd.DataFrame:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise DataError(f"snapshot file missing: {uri}") from None
+    return _decode(data, uri)
+
+
+def _decode(data: bytes, label: str) -> pd.DataFrame:
+    """A snapshot file's rows, checksums verified; nullable integers and booleans exact."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sae_pipeline.data._exact import table_to_frame
+
     try:
         table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise DataError(f"snapshot file {uri} is damaged: {str(err).splitlines()[0]}") from None
-    return table.to_pandas()
+        raise DataError(f"snapshot file {label} is damaged: {str(err).splitlines()[0]}") from None
+    return table_to_frame(table)
 
 
-def _write_accepted(out_dir: str, accepted: pd.DataFrame, shard_rows: int) -> list[str]:
+def _accepted_files(accepted: pd.DataFrame, shard_rows: int) -> list[tuple[str, bytes]]:
+    """(name, Parquet bytes) of the snapshot: one file, or shards of ``shard_rows`` rows."""
     if len(accepted) <= shard_rows:
-        storage.write_bytes(storage.join(out_dir, SNAPSHOT_FILE), parquet_bytes(accepted))
-        return [SNAPSHOT_FILE]
-    shards = []
-    for k, start in enumerate(range(0, len(accepted), shard_rows)):
-        name = f"{SNAPSHOT_DIR}/part-{k:05d}.parquet"
-        part = accepted.iloc[start : start + shard_rows].reset_index(drop=True)
-        storage.write_bytes(storage.join(out_dir, name), parquet_bytes(part))
-        shards.append(name)
-    return shards
+        return [(SNAPSHOT_FILE, parquet_bytes(accepted))]
+    return [
+        (
+            f"{SNAPSHOT_DIR}/part-{k:05d}.parquet",
+            parquet_bytes(accepted.iloc[start : start + shard_rows].reset_index(drop=True)),
+        )
+        for k, start in enumerate(range(0, len(accepted), shard_rows))
+    ]
 
 
 # ---- helpers ----------------------------------------------------------------------------------

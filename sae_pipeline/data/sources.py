@@ -8,7 +8,6 @@ Sources are only ever read: nothing here writes to them.
 
 from __future__ import annotations
 
-import csv
 import io
 from collections import Counter
 from typing import Any
@@ -17,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from sae_pipeline.config import DataConfig
+from sae_pipeline.data._exact import numpy_unless_nullable, table_to_frame
+from sae_pipeline.data._paths import data_files
 from sae_pipeline.errors import DataError
 
 SKLEARN_DATASETS = ("digits", "breast_cancer", "wine")
@@ -91,7 +92,7 @@ def read_source(cfg: DataConfig) -> pd.DataFrame:
     elif fmt == "sql":
         frame = read_sql(cfg.source, cfg.query)
     elif fmt == "csv":
-        frame = read_csv(cfg.source)
+        frame = read_csv(cfg.source, cfg.id_column)
     else:
         frame = read_parquet(cfg.source)
     return check_column_names(frame, describe_source(cfg.source))
@@ -112,8 +113,11 @@ def check_unique_names(columns: Any, label: str) -> list[str]:
 
 
 # ---- CSV --------------------------------------------------------------------------------------
-def read_csv(source: str) -> pd.DataFrame:
-    """A UTF-8 CSV with a header row (gzip/bz2/zstd by suffix), from a path or URL."""
+def read_csv(source: str, id_column: str | None = None) -> pd.DataFrame:
+    """A UTF-8 CSV with a header row (gzip/bz2/zstd by suffix), from a path or URL.
+
+    The id column, when named, is read as text: ids are carried through as written ("007").
+    """
     raw = _read_bytes(source, "CSV", compression="infer")
     if not raw.strip():
         raise DataError(f"CSV {source} is empty ({len(raw)} bytes, no header)")
@@ -126,16 +130,20 @@ def read_csv(source: str) -> pd.DataFrame:
             f"CSV {source} is not UTF-8: byte 0x{byte} at line {line} (offset {err.start}); "
             "re-save it as UTF-8"
         ) from None
-    # pandas renames a repeated header name ("a", "a.1"); the header is checked first.
+    # pandas renames a repeated header name ("a", "a.1"): the header line, as pandas finds it
+    # (after any blank lines), is checked first.
     try:
-        header = next(csv.reader(io.StringIO(text)))
-    except (csv.Error, StopIteration) as err:
+        header = pd.read_csv(
+            io.StringIO(text), header=None, nrows=1, dtype=str, keep_default_na=False
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         raise DataError(f"CSV {source} has an unreadable header: {_first_line(err)}") from None
-    check_unique_names(header, f"CSV {source}")
+    check_unique_names(header.iloc[0].tolist() if len(header) else [], f"CSV {source}")
     try:
         # low_memory=False: one pass over the whole file, so that a column's type does not
         # depend on where chunks happen to end.
-        return pd.read_csv(io.StringIO(text), low_memory=False)
+        dtype = {id_column: str} if id_column else None
+        return pd.read_csv(io.StringIO(text), low_memory=False, dtype=dtype)
     except pd.errors.EmptyDataError:
         raise DataError(f"CSV {source} is empty (no header)") from None
     except (pd.errors.ParserError, ValueError) as err:
@@ -151,11 +159,7 @@ def read_parquet(source: str) -> pd.DataFrame:
         raise DataError(f"data source not found: {source}")
     if not fs.isdir(path):
         return _read_parquet_file(fs, path, source)
-    shards = sorted(
-        p
-        for p in fs.find(path)
-        if p.endswith(PARQUET_SUFFIXES) and not p.rsplit("/", 1)[-1].startswith(("_", "."))
-    )
+    shards = data_files(fs, path, PARQUET_SUFFIXES)
     if not shards:
         raise DataError(f"Parquet folder {source} holds no .parquet files")
     frames = []
@@ -182,7 +186,7 @@ def _read_parquet_file(fs, path: str, label: str) -> pd.DataFrame:
     try:
         pf = pq.ParquetFile(pa.BufferReader(data))
         check_unique_names(pf.schema_arrow.names, f"Parquet file {label}")
-        frame = pf.read().to_pandas()
+        frame = table_to_frame(pf.read())
     except DataError:
         raise
     except (pa.ArrowException, *_CORRUPT) as err:
@@ -208,8 +212,12 @@ def read_sql(url: str, query: str | None) -> pd.DataFrame:
         raise DataError(f"bad database URL {shown!r}: {_first_line(err)}") from None
     try:
         with engine.connect() as conn:
-            # coerce_float turns NUMERIC columns (Decimal objects) into floats.
-            return pd.read_sql_query(sqlalchemy.text(query), conn, coerce_float=True)
+            # coerce_float turns NUMERIC columns (Decimal objects) into floats; nullable types
+            # keep an integer column with a NULL exact (not float64).
+            frame = pd.read_sql_query(
+                sqlalchemy.text(query), conn, coerce_float=True, dtype_backend="numpy_nullable"
+            )
+            return numpy_unless_nullable(frame)
     except sqlalchemy.exc.SQLAlchemyError as err:
         cause = getattr(err, "orig", None) or err
         raise DataError(f"SQL source {shown} failed: {_first_line(cause)}") from None

@@ -17,7 +17,7 @@ Row numbers in messages and in the quarantine file's ``_row`` column count data 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -133,6 +133,8 @@ def validate_batch(
         dropped = [c for c in frame.columns if c not in contract.columns]
     else:
         dropped = _match_columns(frame, contract, policy, warnings)
+        if contract.label_column is not None and contract.label_column not in frame.columns:
+            contract = replace(contract, label_column=None)  # what these rows hold: no label
     ranges = None
     if not inferred and policy.out_of_range != "accept":
         ranges = contract.feature_ranges
@@ -145,6 +147,8 @@ def validate_batch(
         problems += found
     problems += _label_and_id_problems(frame, contract)
     problems = [p for p in problems if p.count]
+    # Repeats are looked for among the rows valid otherwise: the policy keeps the first of them.
+    problems += [p for p in [_repeated_ids(frame, contract, problems)] if p is not None and p.count]
 
     n = len(frame)
     for p in problems:
@@ -341,15 +345,28 @@ def _label_and_id_problems(frame: pd.DataFrame, contract: Contract) -> list[RowP
     ident = contract.id_column
     if ident is not None and ident in frame.columns:
         values = frame[ident]
-        missing = values.isna().to_numpy()
-        problems.append(RowProblem("missing", ident, "id", missing, values))
-        repeated = values.duplicated(keep="first").to_numpy() & ~missing
-        first_seen: dict[Any, int] = {}
-        if repeated.any():
-            for i, v in enumerate(values):
-                first_seen.setdefault(v, i)
-        problems.append(RowProblem("duplicate_id", ident, "id", repeated, values, "", first_seen))
+        problems.append(RowProblem("missing", ident, "id", values.isna().to_numpy(), values))
     return problems
+
+
+def _repeated_ids(
+    frame: pd.DataFrame, contract: Contract, problems: list[RowProblem]
+) -> RowProblem | None:
+    """Rows whose id an earlier valid row has (rows with other problems are not looked at)."""
+    ident = contract.id_column
+    if ident is None or ident not in frame.columns:
+        return None
+    values = frame[ident]
+    valid = np.ones(len(frame), dtype=bool)
+    for p in problems:
+        valid &= ~p.mask
+    repeated = np.zeros(len(frame), dtype=bool)
+    repeated[valid] = values[valid].duplicated(keep="first").to_numpy()
+    first_seen: dict[Any, int] = {}
+    if repeated.any():
+        for i in np.flatnonzero(valid):
+            first_seen.setdefault(values.iloc[i], int(i))
+    return RowProblem("duplicate_id", ident, "id", repeated, values, "", first_seen)
 
 
 # ---- results ----------------------------------------------------------------------------------
@@ -367,7 +384,7 @@ def _accepted(
         ):
             out[col] = numeric[col][keep]
         else:
-            out[col] = values.to_numpy()[keep]
+            out[col] = values.array[keep]  # the column's own type: nullable ids stay exact
     return pd.DataFrame(out)
 
 

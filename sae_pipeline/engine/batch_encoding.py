@@ -14,7 +14,8 @@ Output of one batch (a Parquet dataset readable by pandas/pyarrow/Spark as is)::
 
 Writes are atomic. On a local store the shards write into a staging folder that ``commit``
 renames into place, so readers see all of the output or none; on an object store the parts are
-written in place (each PUT is atomic) and ``_manifest.json``, written last, marks completion.
+written under a prefix of their own (``<batch key>.v<version>/``, each PUT is atomic) and
+``_manifest.json``, written last, publishes them: read such an output through its manifest.
 """
 
 from __future__ import annotations

@@ -187,13 +187,47 @@ def summarize_snapshot(snapshot: dict[str, Any], share_threshold: float) -> dict
     }
 
 
+# Evidently's stat tests whose score is a p-value (smaller = more drift), by name and by the
+# display name a report shows; every other known test scores a distance (larger = more drift).
+P_VALUE_TESTS = {
+    "ks": "K-S p_value", "chisquare": "chi-square p_value", "z": "Z-test p_value",
+    "mannw": "Mann-Whitney U-rank test", "anderson": "Anderson-Darling",
+    "cramer_von_mises": "Cramer-von Mises", "es": "Epps-Singleton", "t_test": "t_test",
+    "fisher_exact": "Fisher's Exact test", "g_test": "g_test", "TVD": "Total-Variation-Distance",
+    "empirical_mmd": "empirical_mmd",
+}  # fmt: skip
+DISTANCE_TESTS = {
+    "wasserstein": "Wasserstein distance (normed)", "psi": "PSI", "kl_div":
+    "Kullback-Leibler divergence", "jensenshannon": "Jensen-Shannon distance",
+    "hellinger": "Hellinger distance", "ed": "Energy-distance",
+    "perc_text_content_drift": "Percentile text content drift",
+    "abs_text_content_drift": "Absolute text content drift",
+}  # fmt: skip
+_P_VALUE_NAMES = {*P_VALUE_TESTS, *P_VALUE_TESTS.values()}
+_DISTANCE_NAMES = {*DISTANCE_TESTS, *DISTANCE_TESTS.values()}
+
+
+def scores_p_values(column: dict[str, Any]) -> bool:
+    """Whether a column's drift score is a p-value (small = drift) rather than a distance.
+
+    Known by the test's name; for a test this table does not know, by its verdict: a drifted
+    column scored below its threshold was judged on a p-value.
+    """
+    method = column.get("method") or ""
+    if method in _P_VALUE_NAMES:
+        return True
+    if method in _DISTANCE_NAMES:
+        return False
+    threshold = column.get("threshold")
+    return bool(column.get("drifted")) and threshold is not None and column["score"] < threshold
+
+
 def top_columns(columns: dict[str, dict[str, Any]], n: int = 5) -> list[str]:
-    """The drifted columns, most drifted first (p-value tests: small score = more drift)."""
+    """The drifted columns, most drifted first: smallest p-value, or largest distance."""
 
     def strength(item):
         _, c = item
-        p_value = "p_value" in (c.get("method") or "")
-        return c["score"] if p_value else -c["score"]
+        return c["score"] if scores_p_values(c) else -c["score"]
 
     drifted = [kv for kv in columns.items() if kv[1].get("drifted")]
     return [name for name, _ in sorted(drifted, key=strength)[:n]]

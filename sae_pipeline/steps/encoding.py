@@ -6,12 +6,15 @@ these steps add the run's context, the staging folder and the manifest that mark
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from sae_pipeline import storage
@@ -25,7 +28,7 @@ from sae_pipeline.engine.batch_encoding import (
     read_output,
     read_quarantine,
 )
-from sae_pipeline.errors import DataError
+from sae_pipeline.errors import ConfigError, DataError
 from sae_pipeline.steps.batch_context import batch_context
 
 __all__ = ["read_output", "read_quarantine"]
@@ -62,7 +65,12 @@ def prepare(
     chunk_rows: int | None = None,
     shard_rows: int | None = None,
 ) -> dict[str, Any]:
-    """Add where the encoded batch goes (default: by model version and batch) to a context."""
+    """Add where the encoded batch goes (default: by model version and batch) to a context.
+
+    Refuses, before any work, sizes that are not positive and an output folder that encode
+    may not replace (``check_output``).
+    """
+    chunk_rows, shard_rows = check_sizes(chunk_rows, shard_rows)
     model, batch = ctx["model"], ctx["batch"]
     if output is None:
         output = storage.join(
@@ -72,24 +80,152 @@ def prepare(
     if storage.is_local(output):
         final = storage.local_path(output)
         staging = str(final.parent / f".{final.name}.{ctx['run_key']}.staging")
+        prefix = ""
     else:
-        staging = output
-    return {
+        # An object store has no atomic rename: the parts go under a prefix of their own (one
+        # per batch content and model version) and the manifest, written last, publishes them.
+        # A failed run leaves the last published output as it was.
+        prefix = f"{batch['key']}.v{model['version']}"
+        staging = storage.join(output, prefix)
+    out = {
         **ctx,
         "output": output,
         "staging": staging,
-        "chunk_rows": int(chunk_rows or CHUNK_ROWS),
-        "shard_rows": int(shard_rows or SHARD_ROWS),
+        "part_prefix": prefix,
+        "chunk_rows": chunk_rows,
+        "shard_rows": shard_rows,
     }
+    if committed(out) is None:
+        check_output(output, batch["files"], prefix)
+    return out
+
+
+def check_sizes(chunk_rows: Any, shard_rows: Any) -> tuple[int, int]:
+    """Chunk and shard sizes (defaults when not given); ConfigError unless positive integers."""
+    sizes = []
+    for flag, value, default in (
+        ("--chunk-rows", chunk_rows, CHUNK_ROWS),
+        ("--shard-rows", shard_rows, SHARD_ROWS),
+    ):
+        if value is None:
+            sizes.append(default)
+            continue
+        n = value if isinstance(value, int) and not isinstance(value, bool) else None
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            n = int(value)  # a DAG param typed in the form
+        if n is None or n < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        sizes.append(n)
+    return sizes[0], sizes[1]
+
+
+# A part or quarantine part, as encode names them (on an object store under a prefix).
+_PART = r"(?:_quarantine/)?part-\d{5}\.parquet"
+_PREFIXED_PART = re.compile(r"[^/]+/" + _PART)
+
+
+def check_output(output: str, batch_files: Sequence[str], prefix: str = "") -> None:
+    """Refuse an output whose replacement would remove what encode did not write.
+
+    Encode publishes by replacing its output folder, so the folder must be new, empty, or one
+    encode wrote (its ``_manifest.json``, parts and quarantine parts, nothing else); and it may
+    not be the current folder or hold the input batch.
+    """
+    hint = "choose a new or empty folder, or one encode wrote"
+    if storage.is_local(output):
+        final = storage.local_path(output)
+        try:
+            cwd = Path.cwd().resolve()
+        except FileNotFoundError:  # the current folder was deleted: nothing to protect
+            cwd = None
+        if cwd is not None and (final == cwd or final in cwd.parents):
+            raise DataError(f"output {output} is the current folder or holds it; {hint}")
+        inside = [f for f in batch_files if storage.is_local(f)
+                  and final in storage.local_path(f).parents]  # fmt: skip
+        if final.exists() and not final.is_dir():
+            raise DataError(f"output {output} is a file, not a folder; {hint}")
+        names = sorted(_local_entries(final)) if final.is_dir() else []
+    else:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(output)
+        root = path.rstrip("/") + "/"
+        inside = [f for f in batch_files if fsspec.core.url_to_fs(f)[1].startswith(root)]
+        if fs.isfile(path):
+            raise DataError(f"output {output} is a file, not a folder; {hint}")
+        names = sorted(p[len(root) :] for p in fs.find(path) if p.startswith(root))
+    if inside:
+        raise DataError(f"output {output} holds the input batch ({inside[0]}); {hint}")
+    foreign = _not_ours(output, names, prefix)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise DataError(
+            f"output {output} holds {len(foreign)} file(s) encode did not write ({shown}); "
+            f"encode replaces its output folder: {hint}"
+        )
+
+
+def _local_entries(folder: Path) -> list[str]:
+    """Every file, link and folder under ``folder``, relative to it (folders end with /)."""
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder).as_posix()
+        out.append(rel + "/" if p.is_dir() and not p.is_symlink() else rel)
+    return out
+
+
+def _not_ours(output: str, names: Sequence[str], prefix: str) -> list[str]:
+    """The entries of an output folder that encode did not write.
+
+    Ours: the manifest and what it names; on an object store (``prefix``), also the parts of
+    earlier attempts: under this run's prefix, or under any prefix beside our manifest.
+    """
+    manifest = _our_manifest(output) if MANIFEST in names else None
+    ours = (
+        {MANIFEST, QUARANTINE + "/", *manifest["parts"], *manifest["quarantine"]}
+        if manifest
+        else set()
+    )
+
+    def written_by_us(name: str) -> bool:
+        if name in ours:
+            return True
+        if (
+            prefix
+            and name.startswith(prefix + "/")
+            and re.fullmatch(_PART, name[len(prefix) + 1 :])
+        ):
+            return True
+        return bool(prefix and manifest and _PREFIXED_PART.fullmatch(name))
+
+    return [n for n in names if not written_by_us(n)]
+
+
+def _our_manifest(output: str) -> dict[str, Any] | None:
+    """The output's ``_manifest.json`` when encode wrote it (JSON with our keys), else None."""
+    try:
+        manifest = storage.read_json(storage.join(output, MANIFEST))
+    except (OSError, ValueError):
+        return None
+    keys = {"batch_key", "model_version", "parts", "quarantine"}
+    if not (isinstance(manifest, dict) and keys <= manifest.keys()):
+        return None
+    named = [*manifest["parts"], *manifest["quarantine"]]
+    return (
+        manifest
+        if all(isinstance(n, str) and re.fullmatch(r"(?:[^/]+/)?" + _PART, n) for n in named)
+        else None
+    )
 
 
 def committed(ctx: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest of an earlier, complete encoding of this batch by this model version."""
-    uri = storage.join(ctx["output"], MANIFEST)
-    if not storage.exists(uri):
+    if not storage.exists(storage.join(ctx["output"], MANIFEST)):
         return None
-    manifest = storage.read_json(uri)
-    same = (
+    manifest = _our_manifest(ctx["output"])
+    same = manifest is not None and (
         manifest.get("batch_key") == ctx["batch"]["key"]
         and manifest.get("model_version") == ctx["model"]["version"]
     )
@@ -157,7 +293,7 @@ def commit_step(ctx: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[
     reasons: Counter[str] = Counter()
     for r in results:
         reasons.update(r["reasons"])
-    model = ctx["model"]
+    model, prefix = ctx["model"], ctx.get("part_prefix", "")
     manifest = {
         "output": ctx["output"],
         "batch_key": ctx["batch"]["key"],
@@ -166,9 +302,11 @@ def commit_step(ctx: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[
         "model_version": model["version"],
         "model_uri": f"models:/{model['name']}/{model['version']}",
         **totals,
-        "parts": [_part_name(r["index"]) for r in results],
+        "parts": [storage.join(prefix, _part_name(r["index"])) for r in results],
         "quarantine": [
-            f"{QUARANTINE}/{_part_name(r['index'])}" for r in results if r["quarantine"]
+            storage.join(prefix, QUARANTINE, _part_name(r["index"]))
+            for r in results
+            if r["quarantine"]
         ],
         "quarantine_reasons": dict(reasons.most_common(10)),
         "dag_run_id": ctx["run_id"],
@@ -179,6 +317,7 @@ def commit_step(ctx: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[
         staging.mkdir(parents=True, exist_ok=True)
         storage.write_json(str(staging / MANIFEST), manifest)
         if final.exists():  # an older encoding of another batch/version under this name
+            check_output(ctx["output"], ctx["batch"]["files"])  # nothing new of the user's
             old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
             os.replace(final, old)
             os.replace(staging, final)
@@ -187,7 +326,10 @@ def commit_step(ctx: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging, final)
     else:
-        storage.write_json(storage.join(ctx["output"], MANIFEST), manifest)
+        previous = _our_manifest(ctx["output"])
+        storage.write_json(storage.join(ctx["output"], MANIFEST), manifest)  # publishes
+        if previous is not None:
+            _remove_parts(ctx["output"], previous, manifest)
     log.info(
         "encoded %s: %d in = %d encoded + %d quarantined",
         ctx["output"],
@@ -196,6 +338,18 @@ def commit_step(ctx: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[
         totals["rows_quarantined"],
     )
     return manifest
+
+
+def _remove_parts(output: str, previous: dict[str, Any], current: dict[str, Any]) -> None:
+    """Delete the parts the previous manifest named that the current one does not."""
+    import fsspec
+
+    keep = set(current["parts"]) | set(current["quarantine"])
+    stale = (set(previous["parts"]) | set(previous.get("quarantine") or [])) - keep
+    fs, _ = fsspec.core.url_to_fs(output)
+    for name in sorted(stale):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(fsspec.core.url_to_fs(storage.join(output, name))[1])
 
 
 def encode_batch(ctx: dict[str, Any], progress: bool = False) -> dict[str, Any]:

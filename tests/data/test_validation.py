@@ -147,3 +147,31 @@ def test_column_names_become_strings():
     result = validate_batch(frame, data_config())
     assert list(result.accepted.columns) == ["0", "1", "2"]
     assert result.contract.feature_columns == ["0", "1", "2"]
+
+
+# ---- data safety (issue 14) -------------------------------------------------------------------
+def test_an_unlabelled_batch_gets_a_contract_without_the_label():
+    contract = validate_batch(clean_frame(), data_config()).contract
+    assert contract.label_column == "target"
+    result = validate_batch(clean_frame().drop(columns=["target"]), data_config(), contract)
+    assert result.contract.label_column is None
+    assert list(result.accepted.columns) == ["a", "b", "c"]
+    assert any("label column 'target' is absent" in w for w in result.warnings)
+
+
+def test_a_repeated_id_is_kept_when_its_first_row_was_quarantined_for_another_reason():
+    frame = clean_frame(n=10).astype({"a": object})
+    frame["id"] = [f"r{i}" for i in range(10)]
+    frame.loc[2, "a"] = "x"  # row 2 is quarantined for its value...
+    frame.loc[6, "id"] = "r2"  # ...so row 6 is the first valid row with id r2
+    frame.loc[9, "id"] = "r7"  # a repeat among valid rows is still one
+    cfg = DataConfig(id_column="id", validation=ValidationConfig(max_quarantine_fraction=0.5))
+    result = validate_batch(frame, cfg)
+    reasons = dict(
+        zip(result.quarantined[ROW_COLUMN], result.quarantined[REASON_COLUMN], strict=True)
+    )
+    assert reasons == {
+        2: "column 'a': non-numeric value 'x'",
+        9: "id 'id': repeated value 'r7' (first at row 7)",
+    }
+    assert sorted(result.accepted["id"]) == sorted(["r0", "r1", "r3", "r4", "r5", "r2", "r7", "r8"])

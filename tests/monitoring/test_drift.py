@@ -175,3 +175,27 @@ def test_drift_monitor_dag_wiring():
 
 def test_the_shipped_policy_file_spells_out_the_defaults():
     assert load_policy(REPO / "configs" / "drift_policy.yaml") == DriftPolicy()
+
+
+# ---- data safety (issue 14) -------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["ks", "mannw", "wasserstein"])
+def test_most_drifted_columns_come_first_whatever_the_test(frames, method):
+    reference, current, _ = frames
+    moved = current.copy()
+    moved["a"] += 2.0  # a: far
+    moved["b"] += 0.4  # b: near
+    policy = load_policy(overrides={"signals.raw.method": method} if method else None)
+    _, got = drift.run_report(moved, reference, policy, "raw")
+    assert got["top_columns"] == ["a", "b"], got["per_column"]
+
+
+def test_top_columns_order_by_the_tests_kind():
+    def col(score: float, method: str) -> dict:
+        return {"score": score, "method": method, "threshold": 0.05, "drifted": True}
+
+    p_values = {"a": col(1e-9, "ks"), "b": col(1e-3, "ks"), "c": col(1e-20, "ks")}
+    assert drift.top_columns(p_values) == ["c", "a", "b"]
+    named = {"a": col(1e-9, "Mann-Whitney U-rank test"), "b": col(1e-3, "Mann-Whitney U-rank test")}
+    assert drift.top_columns(named) == ["a", "b"]
+    distances = {"a": col(0.2, "wasserstein"), "b": col(0.9, "Wasserstein distance (normed)")}
+    assert drift.top_columns(distances) == ["b", "a"]

@@ -1,0 +1,24 @@
+"""The training steps on data: validate against a configured contract, then split."""
+
+from __future__ import annotations
+
+from sae_pipeline import storage
+from sae_pipeline.config import build_config
+from sae_pipeline.data.snapshot import read_manifest, write_snapshot
+from sae_pipeline.data.validation import validate_batch
+from sae_pipeline.steps import training as steps
+from tests.ingest_helpers import clean_frame
+
+
+def test_an_unlabelled_batch_against_a_labelled_contract_splits(tmp_path):
+    cfg = build_config({}, {"model.hidden_dims": [4, 2]})
+    contract = validate_batch(clean_frame(), cfg.data).contract  # recorded with a label
+    assert contract.label_column == "target"
+    run_dir = str(tmp_path / "run")
+    ctx = {"run_dir": run_dir, "config_uri": storage.join(run_dir, "config.json")}
+    storage.write_json(ctx["config_uri"], cfg.model_dump(mode="json"))
+    unlabelled = clean_frame(n=60, seed=1).drop(columns=["target"])
+    write_snapshot(unlabelled, cfg.data, storage.join(run_dir, "validate"), contract)
+    assert read_manifest(storage.join(run_dir, "validate"))["contract"]["label_column"] is None
+    out = steps.split(ctx)  # was: KeyError 'target'
+    assert out["rows_train"] + out["rows_val"] + out["rows_test"] == 60
