@@ -105,7 +105,7 @@ def encoder_from_files(config_path: str | Path, weights_path: str | Path) -> Enc
 def load_encoder(model_uri: str) -> Encoder:
     """The ``Encoder`` of a registered version (``models:/<name>/<version>``), pickle-free.
 
-    A version registered before the bundle format (a cloudpickled pyfunc) is refused with the
+    A version registered before the bundle format (a pickled pyfunc) is refused with the
     command that re-registers it: its files can only be read by unpickling.
     """
     import mlflow.artifacts
