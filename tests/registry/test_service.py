@@ -100,7 +100,7 @@ def test_a_fresh_env_loads_the_champion_encoder_and_gives_the_same_codes(
     reqs = (model_env / "lib").glob("python3*/site-packages/*.dist-info")
     installed = {p.name.split("-")[0].lower() for p in reqs}
     assert {"mlflow", "torch", "numpy", "pandas"} <= installed
-    assert not {"sae_pipeline", "apache_airflow", "evidently", "scikit_learn"} & installed
+    assert not {"sae_pipeline", "apache_airflow", "evidently"} & installed  # sklearn: mlflow's
     assert not any(n.startswith("nvidia") for n in installed)  # the CPU wheel, no CUDA build
     uri = f"models:/{registered['encoder_name']}@champion"
     got, info = run_in_env(model_env, registered, uri, {"output": "all"}, tmp_path)
