@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -119,14 +118,23 @@ def test_a_fresh_env_loads_the_champion_scaler_bit_equal(model_env, registered, 
 
 # ---- MLflow's scoring server, in the model's own environment ------------------------------------
 def post(url: str, body: bytes, content_type: str | None) -> tuple[int, str]:
-    req = urllib.request.Request(url, data=body, method="POST")
-    if content_type is not None:
-        req.add_header("Content-Type", content_type)
+    """POST ``body``; with ``content_type`` None the request has no Content-Type header
+    (urllib would add a form one)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
+        conn.putrequest("POST", parts.path)
+        if content_type is not None:
+            conn.putheader("Content-Type", content_type)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
 
 
 def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 600) -> float:
@@ -283,6 +291,8 @@ def test_the_service_follows_the_champion_alias_and_hides_server_leaks(registere
             "malformed json": (b'{"dataframe_split": {', "application/json", "JSON"),
         }
         answers = check_bad_requests(url, registered, leaks)
+        for leak in leaks:
+            print(f"{leak}: {answers[leak]}")
         assert answers["no content type"][0] == 415
         assert "dataframe_split" not in answers["malformed json"][1]  # no echo of the body
 
