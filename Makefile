@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-quality bench-encoding clean
+.PHONY: demo test lint format bench bench-quality bench-encoding bench-service clean
 
 $(STAMP): pyproject.toml requirements.lock install.sh
 	VENV=$(VENV) ./install.sh
@@ -33,6 +33,10 @@ bench-quality: $(STAMP)
 
 bench-encoding: $(STAMP)
 	$(PY) bench/bench_encoding.py
+
+# The encoder service vs the same model in-process (starts a server on the champion).
+bench-service: $(STAMP)
+	$(PY) bench/bench_service.py
 
 clean:
 	rm -rf artifacts .airflow

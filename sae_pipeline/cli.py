@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,6 +129,49 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sae_pipeline.config import load_config
+    from sae_pipeline.registry import service, tracking
+
+    cfg = load_config(args.config, **_set_overrides(args.set))
+    client = tracking.client(cfg)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(cfg)  # for the server processes
+    supervisor = service.Supervisor(
+        name=args.model or cfg.registry.encoder_model_name,
+        alias=args.alias,
+        host=args.host,
+        port=args.port,
+        env_manager=args.env_manager,
+        plain=args.plain,
+        blue_green=args.blue_green,
+        live_file=Path(args.live_file) if args.live_file else None,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+    )
+    print(
+        f"serving models:/{supervisor.name}@{args.alias} on http://{args.host}:{args.port} "
+        f"(alias checked every {args.interval:g} s; Ctrl-C stops)",
+        flush=True,
+    )
+    try:
+        supervisor.run(client, interval=args.interval)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as err:
+        from sae_pipeline.errors import RegistryError
+
+        raise RegistryError(str(err)) from None
+    return 0
+
+
+def cmd_registry_migrate(args: argparse.Namespace) -> int:
+    from sae_pipeline.config import load_config
+    from sae_pipeline.registry.migrate import migrate_version
+
+    cfg = load_config(args.config, **_set_overrides(args.set))
+    print(json.dumps(migrate_version(cfg, args.version), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -188,6 +232,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config whose data section applies")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve the champion encoder over HTTP (MLflow's scoring server), following the alias",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--model", help="registered model (default: registry.encoder_model_name)")
+    p.add_argument(
+        "--interval", type=float, default=30,
+        help="seconds between alias checks; a new version is started, then the old one stopped "
+        "(0: serve the current version only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--env-manager", default="local", choices=("local", "virtualenv", "uv", "conda"),
+        help="local: this environment; others build the model's own (mlflow models serve)",
+    )  # fmt: skip
+    p.add_argument(
+        "--plain", action="store_true",
+        help="run `mlflow models serve` as is (without the error-hygiene wrapper)",
+    )  # fmt: skip
+    p.add_argument("--blue-green", action="store_true", help="switch between port and port+1")
+    p.add_argument("--live-file", help="with --blue-green: file that holds the live port")
+    p.add_argument("--log-dir", help="folder for the server processes' logs")
+    p.add_argument("--config", help="YAML config: MLflow URI, model names")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("registry", help="registry maintenance")
+    reg = p.add_subparsers(dest="registry_command", required=True)
+    p = reg.add_parser(
+        "migrate", help="re-register a legacy (pickled) encoder version in the pickle-free format"
+    )
+    p.add_argument("--version", required=True, help="the encoder version to migrate")
+    p.add_argument("--config", help="YAML config: MLflow URI, model names")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_registry_migrate)
 
     p = sub.add_parser("config", help="validate a config and print it resolved")
     p.add_argument("--config", help="YAML config (default: the embedded digits demo)")

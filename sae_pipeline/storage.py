@@ -114,17 +114,3 @@ def read_torch(uri: str) -> Any:
     import torch
 
     return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
-
-
-def write_pickle(uri: str, obj: Any) -> str:
-    import joblib
-
-    buf = io.BytesIO()
-    joblib.dump(obj, buf)
-    return write_bytes(uri, buf.getvalue())
-
-
-def read_pickle(uri: str) -> Any:
-    import joblib
-
-    return joblib.load(io.BytesIO(read_bytes(uri)))

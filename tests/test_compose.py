@@ -40,6 +40,7 @@ SERVICES = {
     "airflow-triggerer",
     "airflow-worker-cpu",
     "airflow-worker-gpu",
+    "encoder-service",
 }
 WORKERS = {"airflow-worker-cpu": "default", "airflow-worker-gpu": "gpu"}
 SECRET = re.compile(r"(PASSWORD|SECRET|_KEY)$|^REDISCLI_AUTH$")
@@ -242,6 +243,27 @@ def test_services_queues_gpu_reservation_and_healthchecks(compose):
     assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql")
     assert mlflow_env["MLFLOW_AUTH"] == "basic"
     assert {"sae-artifacts", "sae-data", "mlflow-artifacts"} <= set(compose["volumes"])
+
+
+def test_encoder_service_serves_the_champion_from_the_mlflow_server(compose):
+    from sae_pipeline.cli import build_parser
+    from sae_pipeline.config import load_config
+
+    svc = compose["services"]["encoder-service"]
+    (argv,) = invocations(svc, "sae-pipeline")
+    args = build_parser().parse_args(argv)  # the installed CLI accepts the command
+    assert args.command == "serve" and args.alias == "champion" and args.interval > 0
+    assert args.host == "0.0.0.0"
+    assert svc["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert svc["environment"]["MLFLOW_TRACKING_PASSWORD"]
+    assert svc["environment"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    assert svc["depends_on"]["mlflow"] == {"condition": "service_healthy"}
+    published = {p.split(":")[-1] for p in svc["ports"]}
+    assert published == {str(args.port)}
+    health = " ".join(svc["healthcheck"]["test"])
+    assert f"localhost:{args.port}/ping" in health
+    cfg = load_config(svc["environment"]["SAE_CONFIG"].replace(IMAGE_ROOT, str(REPO), 1))
+    assert cfg.registry.encoder_model_name  # the model it serves comes from the shared config
 
 
 def test_databases_in_connection_urls_are_created_by_the_postgres_init_script(compose):

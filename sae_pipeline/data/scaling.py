@@ -1,16 +1,23 @@
-"""Scalers fitted on the training part only, as scikit-learn transformers.
+"""Scalers fitted on the training part only, as scikit-learn transformers, and their state.
 
-scikit-learn's own classes are used so that the registered scaler is a plain sklearn model:
-users load it with ``mlflow.sklearn.load_model`` and get ``transform``/``inverse_transform``.
+scikit-learn's own classes do the fitting and scaling. What is stored is not the object but its
+learned arrays as plain data (``to_state``: JSON-ready lists, no pickle); ``from_state``
+rebuilds the fitted transformer from them, bit for bit. The registered models carry the same
+state, and their serving code applies the same formulas without scikit-learn.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from sklearn.base import TransformerMixin
 from sklearn.preprocessing import FunctionTransformer, MinMaxScaler, RobustScaler, StandardScaler
 
+from sae_pipeline.errors import DataError
+
 SCALERS = ("standard", "minmax", "robust", "none")
+STATE_FORMAT = "sae-scaler/1"
 
 
 def make_scaler(kind: str) -> TransformerMixin:
@@ -33,3 +40,90 @@ def fit_scaler(kind: str, x_train: np.ndarray) -> TransformerMixin:
 def apply_scaler(scaler: TransformerMixin, x: np.ndarray) -> np.ndarray:
     """Scale to float32, the dtype the network trains in."""
     return np.asarray(scaler.transform(np.asarray(x, dtype=np.float64)), dtype=np.float32)
+
+
+def scaler_kind(scaler: TransformerMixin) -> str:
+    kinds = {
+        StandardScaler: "standard",
+        MinMaxScaler: "minmax",
+        RobustScaler: "robust",
+        FunctionTransformer: "none",
+    }
+    kind = kinds.get(type(scaler))
+    if kind is None:
+        raise DataError(f"cannot store a scaler of type {type(scaler).__name__}")
+    return kind
+
+
+def _floats(a: Any) -> list[float] | None:
+    return None if a is None else np.asarray(a, dtype=np.float64).tolist()
+
+
+def to_state(scaler: TransformerMixin) -> dict[str, Any]:
+    """The fitted scaler as plain data: ``kind``, ``n_features`` and its learned arrays.
+
+    The arrays the transform uses have the same names for every kind: ``minmax`` maps
+    ``x * scale + min``; ``standard`` and ``robust`` map ``(x - center) / scale`` (either may be
+    null when centring or scaling is off); ``none`` is the identity. JSON keeps float64 exactly.
+    """
+    kind = scaler_kind(scaler)
+    state: dict[str, Any] = {
+        "format": STATE_FORMAT,
+        "kind": kind,
+        "n_features": int(scaler.n_features_in_),
+    }
+    if kind == "minmax":
+        state |= {
+            "scale": _floats(scaler.scale_),
+            "min": _floats(scaler.min_),
+            "data_min": _floats(scaler.data_min_),
+            "data_max": _floats(scaler.data_max_),
+            "feature_range": list(scaler.feature_range),
+            "clip": bool(scaler.clip),
+        }
+    elif kind == "standard":
+        state |= {
+            "center": _floats(scaler.mean_),
+            "scale": _floats(scaler.scale_),
+            "var": _floats(scaler.var_),
+        }
+    elif kind == "robust":
+        state |= {"center": _floats(scaler.center_), "scale": _floats(scaler.scale_)}
+    return state
+
+
+def from_state(state: dict[str, Any]) -> TransformerMixin:
+    """The fitted scikit-learn scaler ``to_state`` described (transforms bit-equal)."""
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind not in SCALERS:
+        raise DataError(f"not a scaler state: kind {kind!r} is not one of {', '.join(SCALERS)}")
+    n = int(state["n_features"])
+
+    def arr(key: str) -> np.ndarray | None:
+        v = state.get(key)
+        if v is None:
+            return None
+        a = np.asarray(v, dtype=np.float64)
+        if a.shape != (n,):
+            raise DataError(f"scaler state: {key} has shape {a.shape}, expected ({n},)")
+        return a
+
+    if kind == "none":
+        return make_scaler("none").fit(np.zeros((1, n)))
+    scaler = make_scaler(kind)
+    if kind == "minmax":
+        scaler.set_params(feature_range=tuple(state["feature_range"]), clip=state["clip"])
+        scaler.scale_, scaler.min_ = arr("scale"), arr("min")
+        scaler.data_min_, scaler.data_max_ = arr("data_min"), arr("data_max")
+        scaler.data_range_ = scaler.data_max_ - scaler.data_min_
+    elif kind == "standard":
+        center, scale = arr("center"), arr("scale")
+        scaler.set_params(with_mean=center is not None, with_std=scale is not None)
+        scaler.mean_, scaler.scale_, scaler.var_ = center, scale, arr("var")
+    else:
+        center, scale = arr("center"), arr("scale")
+        scaler.set_params(with_centering=center is not None, with_scaling=scale is not None)
+        scaler.center_, scaler.scale_ = center, scale
+    scaler.n_features_in_ = n
+    scaler.n_samples_seen_ = 0  # unknown after a round trip; transforms do not read it
+    return scaler

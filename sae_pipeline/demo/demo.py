@@ -85,6 +85,8 @@ def format_summary(s: dict[str, Any]) -> str:
         ),
         f"MLflow store: {s['mlflow_store']}",
         f"Open the UI:  {s['mlflow_ui_command']}",
+        # The champion over HTTP (docs/service.md); it follows the alias when it moves.
+        f"Serve it:     sae-pipeline serve --set registry.tracking_uri={s['mlflow_tracking_uri']}",
         "",
     ]
     return "\n".join(lines)

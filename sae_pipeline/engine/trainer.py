@@ -202,7 +202,9 @@ def train_phase(
     use_amp = amp and device.type == "cuda"
 
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        # Tensors and plain containers only (optimizer state, RNG states as byte tensors,
+        # history as lists): the restricted unpickler reads it, no arbitrary objects.
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"].cpu() if device.type == "cpu" else state["gen"])

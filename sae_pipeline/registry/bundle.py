@@ -1,36 +1,203 @@
-"""The encoder bundle registered in MLflow: the ``Encoder`` as a pyfunc model.
+"""The registered models, written here and read by ``_model_code/sae_model_runtime.py``.
 
-``mlflow.pyfunc.load_model("models:/<name>@champion")`` gives the same codes as the encoder
-that was trained.
+Two models per SAE, both MLflow models-from-code with no pickle inside:
+
+* the **encoder bundle**: ``_model_code/encoder_model.py`` + ``weights.npz`` (state_dict arrays)
+  + ``encoder.json`` (architecture, contract, scaler state, outputs, optional ``anomaly`` and
+  ``probe`` sections); raw features in, codes / reconstruction error out;
+* the **scaler**: ``_model_code/scaler_model.py`` + ``scaler.json``.
+
+Their code travels in the model (``code_paths``) and their requirements are public pins, so
+``mlflow.pyfunc.load_model("models:/<name>@champion")`` and ``mlflow models serve`` work with
+only those packages installed. In this repository, ``load_encoder`` rebuilds the engine's
+``Encoder`` from the same two files.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
-import pandas as pd
+import numpy as np
 
 from sae_pipeline.data.contract import Contract
+from sae_pipeline.data.scaling import from_state, to_state
 from sae_pipeline.engine.encoder import OUTPUTS, Encoder
-from sae_pipeline.engine.net import load_net
+from sae_pipeline.engine.net import Architecture, StackedAutoencoderNet
+from sae_pipeline.errors import RegistryError
+from sae_pipeline.registry._model_code import sae_model_runtime as runtime
 
-__all__ = ["OUTPUTS", "Encoder", "EncoderPyfunc"]
+__all__ = ["OUTPUTS", "Encoder", "load_encoder", "log_encoder_model", "log_scaler_model"]
+
+MODEL_CODE = Path(__file__).resolve().parent / "_model_code"
+RUNTIME_FILE = MODEL_CODE / "sae_model_runtime.py"
+ENCODER_FILE = MODEL_CODE / "encoder_model.py"
+SCALER_FILE = MODEL_CODE / "scaler_model.py"
+# What a registered model needs, as public pins of the versions installed here (a local
+# version suffix such as +cpu is dropped: `torch==2.13.0` matches the CPU and CUDA builds).
+RUNTIME_PACKAGES = ("mlflow", "torch", "numpy", "pandas")
 
 
-class EncoderPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc flavour of ``Encoder``; ``params={"output": ...}`` picks what comes out."""
+def requirements() -> list[str]:
+    """``<package>==<version>`` for the runtime's packages; nothing from this repository."""
+    from importlib.metadata import version
 
-    def load_context(self, context):
-        import joblib
+    return [f"{p}=={version(p).split('+')[0]}" for p in RUNTIME_PACKAGES]
 
-        with open(context.artifacts["contract"], encoding="utf-8") as fh:
-            contract = Contract.from_dict(json.load(fh))
-        self.encoder = Encoder(
-            contract, joblib.load(context.artifacts["scaler"]), load_net(context.artifacts["net"])
+
+# ---- writing ----------------------------------------------------------------------------------
+def encoder_config(
+    encoder: Encoder, anomaly: dict[str, float] | None = None, probe: dict | None = None
+) -> dict[str, Any]:
+    """encoder.json's content: plain data only."""
+    config: dict[str, Any] = {
+        "format": runtime.FORMAT,
+        "arch": encoder.net.arch.to_dict(),
+        "contract": encoder.contract.to_dict(),
+        "scaler": to_state(encoder.scaler),
+        "default_output": "codes",
+    }
+    if anomaly is not None:
+        config["anomaly"] = dict(anomaly)
+    if probe is not None:
+        config["probe"] = dict(probe)
+    return config
+
+
+def write_encoder_bundle(encoder: Encoder, directory: str | Path, **sections: Any) -> dict:
+    """Write ``weights.npz`` and ``encoder.json``; returns them as MLflow ``artifacts``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    arrays = {k: v.detach().cpu().numpy() for k, v in encoder.net.state_dict().items()}
+    np.savez(d / "weights.npz", **arrays)
+    config = encoder_config(encoder, **sections)
+    (d / "encoder.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    return {"config": str(d / "encoder.json"), "weights": str(d / "weights.npz")}
+
+
+def write_scaler_bundle(encoder: Encoder, directory: str | Path) -> dict[str, str]:
+    config = {
+        "format": runtime.SCALER_FORMAT,
+        "feature_columns": list(encoder.contract.feature_columns),
+        "scaler": to_state(encoder.scaler),
+    }
+    path = Path(directory) / "scaler.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1), encoding="utf-8")
+    return {"config": str(path)}
+
+
+# ---- reading (in this repository) ---------------------------------------------------------
+def encoder_from_files(config_path: str | Path, weights_path: str | Path) -> Encoder:
+    """The engine's ``Encoder`` from a bundle's encoder.json and weights.npz."""
+    config = runtime.read_json(config_path)
+    if config.get("format") != runtime.FORMAT:
+        raise RegistryError(f"{config_path}: not an encoder bundle ({config.get('format')!r})")
+    net = StackedAutoencoderNet(Architecture(**config["arch"]))
+    net.load_state_dict(runtime.load_weights(weights_path))
+    return Encoder(Contract.from_dict(config["contract"]), from_state(config["scaler"]), net.eval())
+
+
+def load_encoder(model_uri: str) -> Encoder:
+    """The ``Encoder`` of a registered version (``models:/<name>/<version>``), pickle-free.
+
+    A version registered before the bundle format (a pickled pyfunc) is refused with the
+    command that re-registers it: its files can only be read by unpickling.
+    """
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        config, weights = local / "artifacts" / "encoder.json", local / "artifacts" / "weights.npz"
+        if not config.is_file():
+            if (local / "python_model.pkl").is_file():
+                raise RegistryError(
+                    f"{model_uri} is a legacy (pickled) encoder; re-register it in the "
+                    "pickle-free format with: sae-pipeline registry migrate --version <n>"
+                )
+            raise RegistryError(f"{model_uri} is not an encoder bundle (no encoder.json)")
+        return encoder_from_files(config, weights)
+
+
+# ---- logging -----------------------------------------------------------------------------------
+def _signature(columns: list[str], param: str, default: str, dtype: str = "float"):
+    """Outputs and params only: with no input schema MLflow hands the request to predict,
+    whose validation answers bad input with a 400 that names the problem."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=None,
+        outputs=Schema([ColSpec(dtype, c, required=False) for c in columns]),
+        params=ParamSchema([ParamSpec(param, "string", default)]),
+    )
+
+
+def _log(name: str, code: Path, artifacts: dict[str, str], **kwargs: Any):
+    import mlflow
+
+    # MLflow would copy uv.lock + pyproject.toml of the working directory into the model (and
+    # `--env-manager uv` would then install this whole project): not for a self-contained model.
+    previous = os.environ.get("MLFLOW_LOG_UV_FILES")
+    os.environ["MLFLOW_LOG_UV_FILES"] = "false"
+    # log_model executes the code file here (signature and example checks) before the copied
+    # code_paths are importable: let it find the runtime under its top-level name meanwhile.
+    sys.path.insert(0, str(MODEL_CODE))
+    try:
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(code),
+            code_paths=[str(RUNTIME_FILE)],
+            artifacts=artifacts,
+            pip_requirements=requirements(),
+            **kwargs,
+        )
+    finally:
+        sys.path.remove(str(MODEL_CODE))
+        sys.modules.pop(RUNTIME_FILE.stem, None)
+        if previous is None:
+            os.environ.pop("MLFLOW_LOG_UV_FILES", None)
+        else:
+            os.environ["MLFLOW_LOG_UV_FILES"] = previous
+
+
+def log_encoder_model(encoder: Encoder, example, registered_name: str, tags: dict, **sections):
+    """Log (in the active run) and register the encoder bundle; returns MLflow's ModelInfo."""
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = write_encoder_bundle(encoder, tmp, **sections)
+        # The bundle must give the trained encoder's codes before anything is registered.
+        bundle = runtime.EncoderBundle.load(artifacts["config"], artifacts["weights"])
+        got = bundle.transform(example, "all")
+        want = encoder.transform(example, "all")
+        if not np.allclose(got[want.columns].to_numpy(), want.to_numpy(), rtol=1e-5, atol=1e-6):
+            raise RegistryError("the encoder bundle does not reproduce the encoder's outputs")
+        columns = [*encoder.code_columns, runtime.ERROR_COLUMN]
+        return _log(
+            "encoder",
+            ENCODER_FILE,
+            artifacts,
+            signature=_signature(columns, "output", "codes"),
+            input_example=(example.head(5), {"output": "codes"}),
+            registered_model_name=registered_name,
+            tags=tags,
         )
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        return self.encoder.transform(frame, output=(params or {}).get("output", "codes"))
+
+def log_scaler_model(encoder: Encoder, example, registered_name: str, tags: dict):
+    """Log (in the active run) and register the scaler; returns MLflow's ModelInfo."""
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = write_scaler_bundle(encoder, tmp)
+        columns = list(encoder.contract.feature_columns)
+        return _log(
+            "scaler",
+            SCALER_FILE,
+            artifacts,
+            signature=_signature(columns, "direction", "transform", dtype="double"),
+            input_example=(example.head(5), {"direction": "transform"}),
+            registered_model_name=registered_name,
+            tags=tags,
+        )

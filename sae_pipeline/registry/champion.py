@@ -94,15 +94,17 @@ def resolve(cfg: PipelineConfig, alias: str = "champion", version: str | None = 
 @functools.lru_cache(maxsize=4)
 def _load(tracking_uri: str, model_uri: str):
     import mlflow
-    import mlflow.pyfunc
+
+    from sae_pipeline.registry import bundle
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().encoder
+    return bundle.load_encoder(model_uri)
 
 
 def load_encoder(ref: ModelRef):
-    """The version's ``Encoder`` (contract, scaler, network), as registered; cached per process."""
+    """The version's ``Encoder`` (contract, scaler, network) rebuilt from its bundle files
+    (JSON + npz, no pickle); cached per process."""
     return _load(ref.tracking_uri, ref.model_uri)
 
 

@@ -8,7 +8,6 @@ so a retried task never makes a second run or a second model version.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -157,55 +156,22 @@ def register_encoder(
     example,
     lineage: dict[str, str],
 ) -> dict[str, str]:
-    """Log and register the encoder bundle (pyfunc) and the scaler (sklearn); tag lineage."""
-    import joblib
-    from mlflow.models import infer_signature
-
-    from sae_pipeline.registry.bundle import EncoderPyfunc
+    """Log and register the encoder bundle and the scaler (both pickle-free); tag lineage."""
+    from sae_pipeline.registry import bundle
 
     c = client(cfg)
     names = {"encoder": cfg.registry.encoder_model_name, "scaler": cfg.registry.scaler_model_name}
     existing = {role: find_version(c, name, key) for role, name in names.items()}
     tags = {RUN_KEY_TAG: key, **lineage}
     versions: dict[str, str] = {}
-    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run(run_id=run_id):
         if existing["encoder"] is None:
-            files = {
-                "net": str(Path(tmp) / "net.pt"),
-                "scaler": str(Path(tmp) / "scaler.joblib"),
-                "contract": str(Path(tmp) / "contract.json"),
-            }
-            from sae_pipeline.engine.net import save_net
-
-            save_net(encoder.net, files["net"])
-            joblib.dump(encoder.scaler, files["scaler"])
-            storage.write_json(files["contract"], encoder.contract.to_dict())
-            signature = infer_signature(
-                example, encoder.transform(example), params={"output": "codes"}
-            )
-            info = mlflow.pyfunc.log_model(
-                name="encoder",
-                python_model=EncoderPyfunc(),
-                artifacts=files,
-                signature=signature,
-                input_example=example.head(5),
-                registered_model_name=names["encoder"],
-                pip_requirements=_requirements("torch", "scikit-learn", "pandas", "numpy"),
-                tags=tags,
-            )
+            info = bundle.log_encoder_model(encoder, example, names["encoder"], tags)
             versions["encoder"] = str(info.registered_model_version)
         else:
             versions["encoder"] = str(existing["encoder"].version)
         if existing["scaler"] is None:
-            x = encoder.features(example)
-            info = mlflow.sklearn.log_model(
-                encoder.scaler,
-                name="scaler",
-                signature=infer_signature(x, encoder.scaler.transform(x)),
-                registered_model_name=names["scaler"],
-                serialization_format="cloudpickle",
-                pip_requirements=_requirements("scikit-learn", "numpy"),
-            )
+            info = bundle.log_scaler_model(encoder, example, names["scaler"], tags)
             versions["scaler"] = str(info.registered_model_version)
         else:
             versions["scaler"] = str(existing["scaler"].version)
@@ -213,16 +179,6 @@ def register_encoder(
         for k, v in tags.items():
             c.set_model_version_tag(name, versions[role], k, v)
     return versions
-
-
-def _requirements(*packages: str) -> list[str]:
-    """Pinned requirements of a logged model; given, because inferring them costs seconds."""
-    from importlib.metadata import version
-
-    pins = [f"{p}=={version(p)}" for p in ("mlflow", *packages)]
-    if "torch" in packages:  # the pyfunc wrapper's code lives in this package
-        pins.append(f"sae-pipeline=={version('sae-pipeline')}")
-    return [p.split("+")[0] for p in pins]
 
 
 def alias_version(c: MlflowClient, name: str, alias: str):

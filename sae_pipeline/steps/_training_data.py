@@ -141,15 +141,16 @@ def _dataset(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def fit_scaler(ctx: dict[str, Any]) -> dict[str, Any]:
     """Fit the scaler on the training part only and store it with the scaled parts."""
-    from sae_pipeline.data.scaling import apply_scaler
+    from sae_pipeline.data.scaling import apply_scaler, to_state
     from sae_pipeline.data.scaling import fit_scaler as fit
 
     cfg = config_of(ctx)
-    scaler_uri, scaled_uri = _uri(ctx, "scaler", "scaler.joblib"), _uri(ctx, "scaler", "scaled.npz")
-    if not storage.exists(scaled_uri):
+    # The fitted state as JSON (no pickle): data.scaling.from_state rebuilds the scaler.
+    scaler_uri, scaled_uri = _uri(ctx, "scaler", "scaler.json"), _uri(ctx, "scaler", "scaled.npz")
+    if not (storage.exists(scaled_uri) and storage.exists(scaler_uri)):
         data = _dataset(ctx)
         scaler = fit(cfg.scaler.kind, data["x_train"])
-        storage.write_pickle(scaler_uri, scaler)
+        storage.write_json(scaler_uri, to_state(scaler))
         storage.write_arrays(
             scaled_uri,
             **{p: apply_scaler(scaler, data[f"x_{p}"]) for p in ("train", "val", "test")},

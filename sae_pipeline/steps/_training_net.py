@@ -226,11 +226,12 @@ def load_trained(ctx: dict[str, Any], which: str = "model"):
 def load_encoder(ctx: dict[str, Any]):
     """The run's trained ``Encoder``: contract, fitted scaler and fine-tuned network."""
     from sae_pipeline.data.contract import Contract
+    from sae_pipeline.data.scaling import from_state
     from sae_pipeline.engine.encoder import Encoder
 
     manifest = storage.read_json(_uri(ctx, "validate", "manifest.json"))
     return Encoder(
         Contract.from_dict(manifest["contract"]),
-        storage.read_pickle(_uri(ctx, "scaler", "scaler.joblib")),
+        from_state(storage.read_json(_uri(ctx, "scaler", "scaler.json"))),
         load_trained(ctx),
     )

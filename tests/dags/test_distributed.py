@@ -160,7 +160,7 @@ def test_killed_gpu_worker_task_retries_resumes_from_checkpoint_and_registers_on
     topology.kill_worker("gpu")
     killed = time.perf_counter()
     assert not finished.exists(), f"pretrain_layer_1 ended before the kill; raise {epochs=}"
-    at_kill = torch.load(checkpoint, weights_only=False)["epoch"]
+    at_kill = torch.load(checkpoint, weights_only=True)["epoch"]
     assert 0 < at_kill < epochs
     assert topology.task_instances(run_id)["pretrain_layer_1"]["try_number"] == 1
 

@@ -67,6 +67,7 @@ def test_training_from_a_postgresql_table(store):
 
     from sae_pipeline.data.snapshot import read_snapshot
     from sae_pipeline.data.sources import load_sklearn
+    from sae_pipeline.registry import bundle
     from sae_pipeline.steps.training import run_training
 
     frame = load_sklearn("wine")
@@ -115,11 +116,11 @@ def test_training_from_a_postgresql_table(store):
     reg = result["register"]
     version = c.get_model_version(reg["encoder_model_name"], reg["encoder_version"])
     assert version.tags["sae.data_hash"] == v["content_hash"]
-    # the contract (with training ranges) and the signature travel with the registered model
+    # the contract (with training ranges) and the input example travel with the registered model
     model_uri = f"models:/{reg['encoder_model_name']}/{reg['encoder_version']}"
     mlflow.set_tracking_uri(uri)
-    encoder = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().encoder
+    encoder = bundle.load_encoder(model_uri)
     assert encoder.contract.to_dict() == contract
     assert contract["feature_ranges"]["alcohol"][0] == pytest.approx(snap["alcohol"].min())
-    signature = mlflow.models.get_model_info(model_uri).signature
-    assert signature.inputs.input_names() == contract["feature_columns"]
+    example = mlflow.models.get_model_info(model_uri).load_input_example()
+    assert list(example.columns) == contract["feature_columns"]

@@ -1,6 +1,7 @@
 """The training DAG end to end through Airflow, with a real MLflow store and registry."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -113,17 +114,18 @@ def test_registered_champion_reproduces_codes_and_scaling_in_a_new_process(dag_r
     frame = load_sklearn("digits").drop(columns="target")
     script = textwrap.dedent(
         f"""
-        import mlflow, mlflow.pyfunc, mlflow.sklearn, numpy as np
+        import mlflow, mlflow.pyfunc, numpy as np
         from sae_pipeline.data.sources import load_sklearn
         mlflow.set_tracking_uri({conf["tracking_uri"]!r})
         frame = load_sklearn("digits").drop(columns="target")
         encoder = mlflow.pyfunc.load_model("models:/{reg["encoder_model_name"]}@champion")
-        scaler = mlflow.sklearn.load_model("models:/{reg["scaler_model_name"]}@champion")
+        scaler = mlflow.pyfunc.load_model("models:/{reg["scaler_model_name"]}@champion")
         np.save({str(tmp_path / "codes.npy")!r}, encoder.predict(frame).to_numpy())
-        np.save({str(tmp_path / "scaled.npy")!r}, scaler.transform(frame.to_numpy()))
+        np.save({str(tmp_path / "scaled.npy")!r}, scaler.predict(frame).to_numpy())
         """
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}  # nothing unpickled
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env)
     encoder = steps.load_encoder(results["prepare"])
     expected = encoder.transform(frame).to_numpy()
     np.testing.assert_allclose(np.load(tmp_path / "codes.npy"), expected, rtol=1e-5, atol=1e-6)

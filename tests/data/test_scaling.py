@@ -1,12 +1,13 @@
 """Scalers: fitted on the training part only, stored, and applied identically when encoding."""
 
-import joblib
+import json
+
 import numpy as np
 import pytest
 
 from sae_pipeline import storage
 from sae_pipeline.config import build_config
-from sae_pipeline.data.scaling import SCALERS, apply_scaler, fit_scaler
+from sae_pipeline.data.scaling import SCALERS, apply_scaler, fit_scaler, from_state, to_state
 from sae_pipeline.data.snapshot import read_manifest, write_snapshot
 from sae_pipeline.steps import training as steps
 from tests.ingest_helpers import clean_frame
@@ -28,9 +29,14 @@ def test_each_kind_learns_from_the_training_rows_only(kind, tmp_path):
         "none": lambda s: np.testing.assert_allclose(apply_scaler(s, x_other), x_other, rtol=1e-6),
     }
     expected[kind](scaler)
-    joblib.dump(scaler, tmp_path / "s.joblib")
-    again = joblib.load(tmp_path / "s.joblib")
+    # stored as JSON, not pickle: the rebuilt scaler transforms (and inverts) bit for bit
+    again = from_state(json.loads(json.dumps(to_state(scaler))))
+    assert type(again) is type(scaler)
     np.testing.assert_array_equal(apply_scaler(again, x_other), apply_scaler(scaler, x_other))
+    if kind != "none":
+        np.testing.assert_array_equal(
+            again.inverse_transform(x_other), scaler.inverse_transform(x_other)
+        )
 
 
 @pytest.mark.parametrize("kind", SCALERS)
@@ -52,7 +58,8 @@ def test_the_fit_scaler_step_uses_the_train_split_and_encoding_applies_the_same(
 
     idx = storage.read_arrays(storage.join(run_dir, "split", "indices.npz"))
     x = frame[["a", "b", "c"]].to_numpy(dtype=np.float64)
-    scaler = storage.read_pickle(out["scaler"])
+    assert out["scaler"].endswith("scaler.json")
+    scaler = from_state(storage.read_json(out["scaler"]))
     reference = fit_scaler(kind, x[idx["train"]])
     scaled = storage.read_arrays(out["scaled"])
     for part in ("train", "val", "test"):
@@ -66,3 +73,13 @@ def test_the_fit_scaler_step_uses_the_train_split_and_encoding_applies_the_same(
     net = build_net(steps.architecture(cfg, 3), seed=0)
     codes = Encoder(contract, scaler, net).transform(frame.iloc[idx["test"]])
     np.testing.assert_allclose(codes.to_numpy(), encode_array(net, scaled["test"]), rtol=1e-6)
+
+
+def test_a_broken_state_names_the_problem():
+    from sae_pipeline.errors import DataError
+
+    state = to_state(fit_scaler("minmax", np.arange(6.0).reshape(3, 2)))
+    with pytest.raises(DataError, match="kind 'zscore'"):
+        from_state({**state, "kind": "zscore"})
+    with pytest.raises(DataError, match=r"scale has shape \(3,\), expected \(2,\)"):
+        from_state({**state, "scale": [1.0, 2.0, 3.0]})

@@ -202,7 +202,7 @@ def test_epoch_checkpoint_resumes_mid_phase(digits, tmp_path, dropout):
     ckpt = tmp_path / "ft.ckpt"
     with pytest.raises(KeyboardInterrupt):
         run(ckpt, stop_at=4)  # dies during epoch 5; the checkpoint holds epochs 1-4
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 4
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 4
     resumed, hist = run(ckpt)
     assert hist.val_loss == ref_hist.val_loss
     for a, b in zip(ref.state_dict().values(), resumed.state_dict().values(), strict=True):

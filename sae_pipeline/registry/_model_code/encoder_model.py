@@ -1,0 +1,29 @@
+"""MLflow models-from-code file of the encoder bundle (logged as ``python_model=<this file>``).
+
+MLflow copies this file into the model and executes it at load time; ``set_model`` hands MLflow
+the instance. ``sae_model_runtime`` comes along through ``code_paths``. Loading reads
+``artifacts["config"]`` (encoder.json) and ``artifacts["weights"]`` (weights.npz, read with
+``allow_pickle=False``): no pickle anywhere.
+
+Request params: ``output`` = ``codes`` (default) | ``reconstruction_error`` | ``all`` (and
+``anomaly`` when the bundle has an anomaly section).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+from mlflow.models import set_model
+from sae_model_runtime import EncoderBundle
+
+
+class EncoderModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        self.bundle = EncoderBundle.load(context.artifacts["config"], context.artifacts["weights"])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        return self.bundle.predict(model_input, params)
+
+
+set_model(EncoderModel())

@@ -1,0 +1,362 @@
+"""Reader of the registered encoder and scaler bundles: validation, scaling, the network forward.
+
+Travels inside each registered model (``code_paths``) and imports only json, numpy, pandas,
+torch and (lazily, for its error type) mlflow; never ``sae_pipeline``, scikit-learn, Airflow or
+Evidently, so a model loads wherever its own ``requirements.txt`` is installed.
+
+An encoder bundle is two files:
+
+* ``weights.npz``: the network's ``state_dict`` as plain arrays (read with
+  ``allow_pickle=False``: no unpickling of any kind);
+* ``encoder.json``: ``format``, ``arch`` (the ``Architecture`` fields), ``contract`` (feature
+  columns first), ``scaler`` (``sae_pipeline.data.scaling.to_state``), ``default_output`` and
+  optional sections. Readers ignore keys they do not know; a change of meaning bumps
+  ``format``. Optional sections:
+
+  - ``anomaly``: ``{"center": c, "scale": s, "threshold": t}``: ``anomaly_score`` =
+    (reconstruction_error - c) / s and ``is_anomaly`` = score > t;
+  - ``probe``: ``{"classes": [...], "coef": [[...]] (classes, code), "intercept": [...]}``: a
+    linear classifier on the codes, ``probe_label`` = the arg-max class.
+
+The forward pass mirrors ``sae_pipeline.engine.net.StackedAutoencoderNet`` in eval mode (dropout
+off, batch norm on running statistics) with the same state_dict keys; the scaler applies
+scikit-learn's formulas in float64, so both match the trained encoder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+FORMAT = "sae-encoder-bundle/1"
+SCALER_FORMAT = "sae-scaler-bundle/1"
+BASE_OUTPUTS = ("codes", "reconstruction_error", "all")
+ERROR_COLUMN = "reconstruction_error"
+SCALER_KINDS = ("minmax", "standard", "robust", "none")
+_BN_EPS = 1e-5  # nn.BatchNorm1d's default, as net.py builds it
+
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+# ---- errors: HTTP 400 with a plain message ------------------------------------------------------
+_INPUT_ERROR: type | None = None
+
+
+def bad_request(message: str) -> Exception:
+    """An error MLflow's scoring server answers with HTTP 400 and exactly ``message``.
+
+    The server rewrites the ``message`` of an MlflowException raised in predict to
+    ``"Failed to predict data '<repr of the whole input>'. Error: ..."``, and answers any other
+    exception with a generic text plus a stack trace. This subclass keeps its first message, so
+    the body names the problem and never echoes the request's data.
+    """
+    global _INPUT_ERROR
+    if _INPUT_ERROR is None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+        class InputError(MlflowException, ValueError):
+            @property
+            def message(self) -> str:
+                return self._message
+
+            @message.setter
+            def message(self, value: str) -> None:
+                if not hasattr(self, "_message"):
+                    self._message = value
+
+        InputError.error_code_value = BAD_REQUEST
+        _INPUT_ERROR = InputError
+    return _INPUT_ERROR(message, error_code=_INPUT_ERROR.error_code_value)
+
+
+# ---- input validation ---------------------------------------------------------------------------
+def feature_matrix(frame: Any, columns: list[str]) -> np.ndarray:
+    """The feature columns of ``frame`` in training order, as a finite float64 array."""
+    if not isinstance(frame, pd.DataFrame):
+        try:
+            frame = pd.DataFrame(frame)
+        except Exception:
+            raise bad_request(
+                f"input must be a table of feature columns, got {type(frame).__name__}"
+            ) from None
+    if frame.shape[0] == 0:
+        raise bad_request("input has no rows")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise bad_request(f"input lacks {len(missing)} feature column(s): {_names(missing)}")
+    sub = frame[columns]
+    odd = [c for c, t in zip(columns, sub.dtypes, strict=True) if not _plain_number(t)]
+    if odd:  # strings (CSV/JSON cells that are not numbers), booleans, objects
+        bad = []
+        for col in odd:
+            s = sub[col]
+            wrong = s.notna() if pd.api.types.is_bool_dtype(s) else _not_numbers(s)
+            if wrong.any():
+                row = s.index[wrong.to_numpy()][0]
+                bad.append(f"{col} (row {row}: {_short(s.loc[row])})")
+        if bad:
+            raise bad_request(f"non-numeric value(s) in feature column(s): {', '.join(bad[:10])}")
+        sub = sub.apply(pd.to_numeric)
+    x = sub.to_numpy(dtype=np.float64)
+    finite = np.isfinite(x)
+    if not finite.all():
+        rows, cols = np.nonzero(~finite)
+        raise bad_request(
+            "missing or infinite value(s) in feature column(s): "
+            f"{_names(sorted({columns[c] for c in cols}))} (first at row {sub.index[rows[0]]})"
+        )
+    return x
+
+
+def _plain_number(dtype: Any) -> bool:
+    return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+
+
+def _not_numbers(s: pd.Series) -> pd.Series:
+    return pd.to_numeric(s, errors="coerce").isna() & s.notna()
+
+
+def _names(cols: list[str], limit: int = 10) -> str:
+    more = f" and {len(cols) - limit} more" if len(cols) > limit else ""
+    return ", ".join(map(str, cols[:limit])) + more
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ---- the scaler ---------------------------------------------------------------------------------
+class Scaler:
+    """scikit-learn's transform formulas on float64, from a ``to_state`` dict."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.kind = state.get("kind")
+        if self.kind not in SCALER_KINDS:
+            raise ValueError(f"unknown scaler kind {self.kind!r}")
+        self.n_features = int(state["n_features"])
+
+        def arr(key: str) -> np.ndarray | None:
+            v = state.get(key)
+            a = None if v is None else np.asarray(v, dtype=np.float64)
+            if a is not None and a.shape != (self.n_features,):
+                raise ValueError(f"scaler {key} has shape {a.shape}, not ({self.n_features},)")
+            return a
+
+        self.scale, self.min, self.center = arr("scale"), arr("min"), arr("center")
+        self.clip = tuple(state["feature_range"]) if state.get("clip") else None
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        x = np.array(x, dtype=np.float64, copy=True)
+        if self.kind == "minmax":  # MinMaxScaler: X *= scale_; X += min_
+            x *= self.scale
+            x += self.min
+            if self.clip is not None:
+                np.clip(x, self.clip[0], self.clip[1], out=x)
+        elif self.kind in ("standard", "robust"):  # (X - center) / scale
+            if self.center is not None:
+                x -= self.center
+            if self.scale is not None:
+                x /= self.scale
+        return x
+
+    def inverse_transform(self, x: np.ndarray) -> np.ndarray:
+        x = np.array(x, dtype=np.float64, copy=True)
+        if self.kind == "minmax":
+            x -= self.min
+            x /= self.scale
+        elif self.kind in ("standard", "robust"):
+            if self.scale is not None:
+                x *= self.scale
+            if self.center is not None:
+                x += self.center
+        return x
+
+
+# ---- the network --------------------------------------------------------------------------------
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict arrays of ``weights.npz`` as tensors (``allow_pickle=False``)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: torch.from_numpy(np.array(z[k])) for k in z.files}
+
+
+class Net:
+    """Eval-mode forward of StackedAutoencoderNet from its state_dict."""
+
+    def __init__(self, arch: dict[str, Any], state: dict[str, torch.Tensor]):
+        self.arch = arch
+        self.dims = [int(arch["input_dim"]), *map(int, arch["hidden_dims"])]
+        self.n = len(self.dims) - 1
+        self.s = state
+        for k in range(self.n):  # fail at load, not at the first request
+            w = state.get(f"encoders.{k}.weight")
+            if w is None or tuple(w.shape) != (self.dims[k + 1], self.dims[k]):
+                shape = None if w is None else tuple(w.shape)
+                raise ValueError(f"weights: encoders.{k}.weight has shape {shape}")
+        for name in (arch["activation"], arch["code_activation"], arch["output_activation"]):
+            if name not in _ACTIVATIONS:
+                raise ValueError(f"unknown activation {name!r}")
+
+    def encode_layer(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """(batch, dims[k]) -> (batch, dims[k+1])."""
+        s = self.s
+        h = F.linear(x, s[f"encoders.{k}.weight"], s[f"encoders.{k}.bias"])
+        if self.arch.get("batch_norm"):
+            h = F.batch_norm(
+                h,
+                s[f"norms.{k}.running_mean"],
+                s[f"norms.{k}.running_var"],
+                s[f"norms.{k}.weight"],
+                s[f"norms.{k}.bias"],
+                False,
+                0.0,
+                _BN_EPS,
+            )
+        last = k == self.n - 1
+        return _ACTIVATIONS[self.arch["code_activation"] if last else self.arch["activation"]](h)
+
+    def decode_layer(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """(batch, dims[k+1]) -> (batch, dims[k])."""
+        s = self.s
+        if self.arch.get("tied_weights"):
+            z = F.linear(h, s[f"encoders.{k}.weight"].t(), s[f"decoder_biases.{k}"])
+        else:
+            z = F.linear(h, s[f"decoders.{k}.weight"], s[f"decoders.{k}.bias"])
+        name = self.arch["output_activation"] if k == 0 else self.arch["activation"]
+        return _ACTIVATIONS[name](z)
+
+    @torch.inference_mode()
+    def forward(self, x: np.ndarray, decode: bool = True, batch: int = 8192):
+        """Codes (rows, code) and, with ``decode``, reconstructions (rows, input); float32."""
+        codes, recons = [], []
+        for i in range(0, len(x), batch):
+            h = torch.from_numpy(np.ascontiguousarray(x[i : i + batch], dtype=np.float32))
+            for k in range(self.n):
+                h = self.encode_layer(k, h)
+            codes.append(h)
+            if decode:
+                r = h
+                for k in reversed(range(self.n)):
+                    r = self.decode_layer(k, r)
+                recons.append(r)
+        code = torch.cat(codes).numpy() if codes else np.zeros((0, self.dims[-1]), np.float32)
+        if not decode:
+            return code, None
+        recon = torch.cat(recons).numpy() if recons else np.zeros((0, self.dims[0]), np.float32)
+        return code, recon
+
+
+# ---- the bundles --------------------------------------------------------------------------------
+def read_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+class EncoderBundle:
+    """Raw feature frame in; codes, reconstruction error (and optional sections) out."""
+
+    def __init__(self, config: dict[str, Any], weights: dict[str, torch.Tensor]):
+        if config.get("format") != FORMAT:
+            raise ValueError(f"not an encoder bundle of format {FORMAT}: {config.get('format')!r}")
+        self.config = config
+        self.feature_columns = [str(c) for c in config["contract"]["feature_columns"]]
+        self.scaler = Scaler(config["scaler"])
+        self.net = Net(config["arch"], weights)
+        if not len(self.feature_columns) == self.scaler.n_features == self.net.dims[0]:
+            raise ValueError("feature columns, scaler and network input sizes disagree")
+        self.anomaly = config.get("anomaly")
+        self.probe = config.get("probe")
+        if self.probe is not None:
+            self._probe_coef = np.asarray(self.probe["coef"], dtype=np.float64)
+            self._probe_intercept = np.asarray(self.probe["intercept"], dtype=np.float64)
+            if self._probe_coef.shape != (len(self.probe["classes"]), self.net.dims[-1]):
+                raise ValueError(f"probe coef has shape {self._probe_coef.shape}")
+        self.outputs = (
+            *BASE_OUTPUTS,
+            *(("anomaly",) if self.anomaly else ()),
+            *(("probe",) if self.probe else ()),
+        )
+        self.default_output = config.get("default_output", "codes")
+
+    @classmethod
+    def load(cls, config_path: str | Path, weights_path: str | Path) -> EncoderBundle:
+        return cls(read_json(config_path), load_weights(weights_path))
+
+    @property
+    def code_columns(self) -> list[str]:
+        return [f"code_{i}" for i in range(self.net.dims[-1])]
+
+    def output_option(self, params: dict[str, Any] | None) -> str:
+        output = (params or {}).get("output") or self.default_output
+        if output not in self.outputs:
+            raise bad_request(
+                f"params.output must be one of {', '.join(self.outputs)}; got {_short(output)}"
+            )
+        return output
+
+    def predict(self, frame: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """What the pyfunc's predict returns: validates the request, then ``transform``."""
+        return self.transform(frame, self.output_option(params))
+
+    def transform(self, frame: Any, output: str = "codes") -> pd.DataFrame:
+        x = feature_matrix(frame, self.feature_columns)
+        index = frame.index if isinstance(frame, pd.DataFrame) else None
+        xs = self.scaler.transform(x).astype(np.float32)  # (rows, features)
+        need_error = output in ("reconstruction_error", "all", "anomaly")
+        codes, recon = self.net.forward(xs, decode=need_error)
+        parts: dict[str, Any] = {}
+        if output in ("codes", "all"):
+            parts.update(zip(self.code_columns, codes.T, strict=True))
+        if need_error:
+            err = np.mean((recon - xs) ** 2, axis=1)  # (rows,) float32, as Encoder.transform
+            if output != "anomaly":
+                parts[ERROR_COLUMN] = err
+            if self.anomaly and output in ("all", "anomaly"):
+                a = self.anomaly
+                score = (err.astype(np.float64) - a.get("center", 0.0)) / a.get("scale", 1.0)
+                parts["anomaly_score"] = score
+                parts["is_anomaly"] = score > a["threshold"]
+        if self.probe and output in ("all", "probe"):
+            logits = codes.astype(np.float64) @ self._probe_coef.T + self._probe_intercept
+            parts["probe_label"] = np.asarray(self.probe["classes"])[logits.argmax(axis=1)]
+        return pd.DataFrame(parts, index=index)
+
+
+class ScalerBundle:
+    """The fitted scaler alone: feature frame in, scaled (or unscaled) feature frame out."""
+
+    DIRECTIONS = ("transform", "inverse")
+
+    def __init__(self, config: dict[str, Any]):
+        if config.get("format") != SCALER_FORMAT:
+            raise ValueError(f"not a scaler bundle of format {SCALER_FORMAT}")
+        self.feature_columns = [str(c) for c in config["feature_columns"]]
+        self.scaler = Scaler(config["scaler"])
+
+    @classmethod
+    def load(cls, config_path: str | Path) -> ScalerBundle:
+        return cls(read_json(config_path))
+
+    def predict(self, frame: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        direction = (params or {}).get("direction") or "transform"
+        if direction not in self.DIRECTIONS:
+            raise bad_request(
+                f"params.direction must be one of {', '.join(self.DIRECTIONS)}; "
+                f"got {_short(direction)}"
+            )
+        x = feature_matrix(frame, self.feature_columns)
+        fn = self.scaler.transform if direction == "transform" else self.scaler.inverse_transform
+        index = frame.index if isinstance(frame, pd.DataFrame) else None
+        return pd.DataFrame(fn(x), columns=self.feature_columns, index=index)

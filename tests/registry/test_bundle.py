@@ -1,0 +1,115 @@
+"""The registered models: pickle-free files whose runtime reproduces the trained encoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sae_pipeline.registry import bundle
+from sae_pipeline.registry._model_code import sae_model_runtime as runtime
+from tests.registry.conftest import make_encoder
+
+ARCHS = {
+    "plain": {},
+    "batch_norm": {"batch_norm": True},
+    "tied_tanh": {"tied_weights": True, "activation": "tanh", "output_activation": "linear"},
+    "three_layers_leaky": {"hidden_dims": [24, 12, 5], "activation": "leaky_relu", "dropout": 0.2},
+}
+
+
+@pytest.mark.parametrize("kind", ["minmax", "standard", "robust", "none"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_the_runtime_gives_the_engine_encoders_outputs(digits, tmp_path, kind, arch):
+    encoder = make_encoder(digits, kind=kind, **ARCHS[arch])
+    files = bundle.write_encoder_bundle(encoder, tmp_path)
+    served = runtime.EncoderBundle.load(files["config"], files["weights"])
+    frame = digits.drop(columns="target").sample(300, random_state=0)
+    want = encoder.transform(frame, "all")
+    got = served.predict(frame, {"output": "all"})
+    assert list(got.columns) == list(want.columns) and got.index.equals(want.index)
+    np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-5, atol=1e-6)
+    # the scaler is bit-equal to scikit-learn's; the engine rebuilds the same Encoder
+    x = frame.to_numpy(dtype=np.float64)
+    np.testing.assert_array_equal(served.scaler.transform(x), encoder.scaler.transform(x))
+    again = bundle.encoder_from_files(files["config"], files["weights"])
+    np.testing.assert_array_equal(again.transform(frame, "all"), want)
+
+
+def test_output_param_selects_columns_as_before(digits, tmp_path):
+    encoder = make_encoder(digits)
+    files = bundle.write_encoder_bundle(encoder, tmp_path)
+    served = runtime.EncoderBundle.load(files["config"], files["weights"])
+    frame = digits.drop(columns="target").head(7)
+    assert list(served.predict(frame).columns) == encoder.code_columns
+    assert list(served.predict(frame, {"output": "reconstruction_error"}).columns) == [
+        "reconstruction_error"
+    ]
+    assert served.outputs == ("codes", "reconstruction_error", "all")
+
+
+def test_the_bundle_files_are_plain_data(digits, tmp_path):
+    files = bundle.write_encoder_bundle(make_encoder(digits), tmp_path)
+    config = json.loads(Path(files["config"]).read_text())
+    assert {"format", "arch", "contract", "scaler", "default_output"} <= set(config)
+    assert config["contract"]["feature_columns"][:2] == ["pixel_0", "pixel_1"]
+    with np.load(files["weights"], allow_pickle=False) as z:  # would raise on object arrays
+        assert "encoders.0.weight" in z.files
+
+
+def test_optional_anomaly_and_probe_sections_add_outputs(digits, tmp_path):
+    encoder = make_encoder(digits)
+    probe = {"classes": [0, 1, 2], "coef": np.eye(3, 4).tolist(), "intercept": [0.0, 0.1, 0.2]}
+    anomaly = {"center": 0.01, "scale": 0.02, "threshold": 3.0}
+    files = bundle.write_encoder_bundle(encoder, tmp_path, anomaly=anomaly, probe=probe)
+    served = runtime.EncoderBundle.load(files["config"], files["weights"])
+    frame = digits.drop(columns="target").head(50)
+    out = served.predict(frame, {"output": "all"})
+    err = encoder.transform(frame, "reconstruction_error")["reconstruction_error"].to_numpy()
+    score = (err.astype(np.float64) - 0.01) / 0.02
+    np.testing.assert_allclose(out["anomaly_score"], score, rtol=1e-5)
+    np.testing.assert_array_equal(out["is_anomaly"], score > 3.0)
+    codes = encoder.transform(frame)[encoder.code_columns].to_numpy()
+    np.testing.assert_array_equal(out["probe_label"], (codes[:, :3] + [0, 0.1, 0.2]).argmax(1))
+    assert list(served.predict(frame, {"output": "anomaly"}).columns) == [
+        "anomaly_score",
+        "is_anomaly",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("frame", "params", "message"),
+    [
+        (pd.DataFrame({"pixel_0": [1.0]}), None, "input lacks 63 feature column(s): pixel_1"),
+        ("abc", None, "non-numeric value(s) in feature column(s): pixel_0 (row 0: 'abc')"),
+        (np.nan, None, "missing or infinite value(s) in feature column(s): pixel_0"),
+        ("rows0", None, "input has no rows"),
+        (0.0, {"output": "bogus"}, "params.output must be one of codes, reconstruction_error"),
+    ],
+)
+def test_bad_requests_raise_a_400_error_naming_the_problem(
+    digits, tmp_path, frame, params, message
+):
+    from mlflow.exceptions import MlflowException
+
+    files = bundle.write_encoder_bundle(make_encoder(digits), tmp_path)
+    served = runtime.EncoderBundle.load(files["config"], files["weights"])
+    good = digits.drop(columns="target").head(2).reset_index(drop=True).astype(object)
+    if isinstance(frame, str) and frame == "rows0":
+        frame = good.iloc[:0]
+    elif not isinstance(frame, pd.DataFrame):
+        good.loc[0, "pixel_0"] = frame
+        frame = good
+    with pytest.raises(MlflowException) as err:
+        served.predict(frame, params)
+    assert message in err.value.message
+    assert err.value.get_http_status_code() == 400
+
+
+def test_requirements_are_public_pins_only():
+    reqs = bundle.requirements()
+    assert [r.split("==")[0] for r in reqs] == ["mlflow", "torch", "numpy", "pandas"]
+    assert not any("+" in r or "sae" in r for r in reqs)

@@ -1,0 +1,125 @@
+"""Registered versions: pickle-free files, public requirements, MLflow's scoring app answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def no_pickle(monkeypatch, registered):
+    """MLflow refuses to unpickle anything: a cloudpickled pyfunc would fail to load."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    mlflow.set_tracking_uri(registered["uri"])
+    mlflow.set_registry_uri(registered["uri"])
+    return registered
+
+
+def _model_dir(uri: str, tmp_path) -> Path:
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path)))
+
+
+def test_the_champion_loads_with_pickle_disabled_and_gives_the_encoders_codes(no_pickle, tmp_path):
+    import mlflow.pyfunc
+
+    reg = no_pickle
+    model = mlflow.pyfunc.load_model(f"models:/{reg['encoder_name']}@champion")
+    frame = reg["frame"]
+    want = reg["encoder"].transform(frame, "all")
+    np.testing.assert_allclose(
+        model.predict(frame, params={"output": "all"}).to_numpy(), want, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(model.predict(frame).to_numpy(), want[reg["encoder"].code_columns])
+    local = _model_dir(f"models:/{reg['encoder_name']}@champion", tmp_path)
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert {"MLmodel", "encoder_model.py", "code/sae_model_runtime.py"} <= files
+    assert {"artifacts/encoder.json", "artifacts/weights.npz", "requirements.txt"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".joblib", ".pt", ".pickle"))]
+
+
+def test_requirements_name_public_packages_only(no_pickle, tmp_path):
+    local = _model_dir(f"models:/{no_pickle['encoder_name']}@champion", tmp_path)
+    reqs = (local / "requirements.txt").read_text().split()
+    assert [r.split("==")[0] for r in reqs] == ["mlflow", "torch", "numpy", "pandas"]
+    assert not (local / "uv.lock").exists() and not (local / "pyproject.toml").exists()
+
+
+def test_the_scaler_model_is_bit_equal_to_sklearn(no_pickle):
+    import mlflow.pyfunc
+
+    reg = no_pickle
+    scaler = mlflow.pyfunc.load_model(f"models:/{reg['scaler_name']}@champion")
+    x = reg["frame"].to_numpy(dtype=np.float64)
+    np.testing.assert_array_equal(scaler.predict(reg["frame"]), reg["encoder"].scaler.transform(x))
+    back = scaler.predict(reg["frame"], params={"direction": "inverse"})
+    np.testing.assert_array_equal(back, reg["encoder"].scaler.inverse_transform(x))
+
+
+def test_load_encoder_rebuilds_the_engine_encoder_of_each_version(no_pickle):
+    from sae_pipeline.registry import champion
+
+    reg = no_pickle
+    cfg = reg["cfg"]
+    for version, encoder in reg["encoders"].items():
+        ref = champion.resolve(cfg, version=version)
+        loaded = champion.load_encoder(ref)
+        assert loaded.contract == encoder.contract
+        np.testing.assert_array_equal(
+            loaded.transform(reg["frame"]), encoder.transform(reg["frame"])
+        )
+    assert champion.resolve(cfg).version == "2"
+
+
+def test_a_legacy_pickled_version_is_refused_with_the_migrate_command(no_pickle, monkeypatch):
+    import mlflow
+    import mlflow.pyfunc
+
+    from sae_pipeline.errors import RegistryError
+    from sae_pipeline.registry import bundle
+
+    class Legacy(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="legacy", python_model=Legacy(), pip_requirements=[])
+    with pytest.raises(RegistryError, match="sae-pipeline registry migrate --version"):
+        bundle.load_encoder(info.model_uri)
+
+
+def test_mlflows_scoring_app_answers_bad_requests_with_400_and_a_plain_message(no_pickle):
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import load_model
+    from mlflow.pyfunc.scoring_server import init
+
+    reg = no_pickle
+    app = TestClient(init(load_model(f"models:/{reg['encoder_name']}@champion")))
+    cols = list(reg["frame"].columns)
+    row = reg["frame"].iloc[0].tolist()
+    ok = app.post("/invocations", json={"dataframe_split": {"columns": cols, "data": [row]}})
+    assert ok.status_code == 200
+    np.testing.assert_allclose(
+        ok.json()["predictions"][0]["code_0"],
+        reg["encoder"].transform(reg["frame"].head(1))["code_0"].iloc[0],
+        rtol=1e-5,
+    )
+    bad = {
+        "missing column": ({"columns": cols[1:], "data": [row[1:]]}, "lacks 1 feature column(s)"),
+        "non-numeric": ({"columns": cols, "data": [["x", *row[1:]]]}, "non-numeric value(s)"),
+        "no rows": ({"columns": cols, "data": []}, "input has no rows"),
+    }
+    for name, (split, message) in bad.items():
+        r = app.post("/invocations", json={"dataframe_split": split})
+        body = r.json()
+        assert r.status_code == 400, name
+        assert message in body["message"] and "stack_trace" not in body, (name, body)
+        assert json.dumps(row[1]) not in body["message"] or name == "non-numeric"
