@@ -3,9 +3,10 @@ scoring server on the champion, the Dockerfile MLflow writes, and the alias-foll
 
 The environment is built once by MLflow itself (``mlflow models prepare-env --env-manager
 virtualenv``: ``python -m venv`` + ``pip install -r requirements.txt``; pip takes the CPU torch
-wheel from /opt/wheels through the machine's pip config) under ``.cache/mlflow-envs``; MLflow
-names env folders by a hash of the requirements, so every test here and every later run reuses
-it. The first build takes one to two minutes.
+wheel from /opt/wheels through the machine's pip config) under
+``~/.cache/sae-pipeline/mlflow-envs`` (or ``$SAE_MLFLOW_ENV_ROOT``); MLflow names env folders
+by a hash of the requirements, so every test here and every later run, fresh clones included,
+reuses it. The first build takes one to two minutes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ENV_ROOT = REPO / ".cache" / "mlflow-envs"
+# Outside the checkout, so that fresh clones on the same machine (CI) reuse the environment.
+ENV_ROOT = Path(
+    os.environ.get("SAE_MLFLOW_ENV_ROOT") or Path.home() / ".cache" / "sae-pipeline" / "mlflow-envs"
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
