@@ -217,6 +217,9 @@ class RegistryConfig(_Section):
     encoder_model_name: str = Field("sae-digits-encoder", min_length=1)
     scaler_model_name: str = Field("sae-digits-scaler", min_length=1)
     gate: GateConfig = GateConfig()
+    promotion_lock_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        600.0, description="How long a promotion waits for another one of the same model."
+    )
 
 
 class SelectionConfig(_Section):

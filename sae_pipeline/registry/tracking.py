@@ -157,7 +157,12 @@ def register_encoder(
     example,
     lineage: dict[str, str],
 ) -> dict[str, str]:
-    """Log and register the encoder bundle (pyfunc) and the scaler (sklearn); tag lineage."""
+    """Log and register the encoder bundle (pyfunc) and the scaler (sklearn) as ``challenger``.
+
+    Both versions carry the run key and the lineage tags from their creation (one MLflow call
+    creates the version with its tags), so a retry after a failure at any point finds what an
+    earlier try registered instead of registering a second version.
+    """
     import joblib
     from mlflow.models import infer_signature
 
@@ -205,13 +210,13 @@ def register_encoder(
                 registered_model_name=names["scaler"],
                 serialization_format="cloudpickle",
                 pip_requirements=_requirements("scikit-learn", "numpy"),
+                tags=tags,
             )
             versions["scaler"] = str(info.registered_model_version)
         else:
             versions["scaler"] = str(existing["scaler"].version)
     for role, name in names.items():
-        for k, v in tags.items():
-            c.set_model_version_tag(name, versions[role], k, v)
+        c.set_registered_model_alias(name, CHALLENGER, versions[role])
     return versions
 
 
