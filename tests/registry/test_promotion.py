@@ -217,3 +217,74 @@ def test_promotions_of_one_model_wait_for_each_other(store):
         t.join()
     with promotion.promotion_lock(cfg, "m"):  # free again
         pass
+
+
+# ---- the gate's rule does not change on errors ---------------------------------------------
+def _challenger_over_champion(store, encoder, tag, monkeypatch):
+    """A champion (run 0) and a registered challenger (run 1): (ctx, registered) of run 1."""
+    monkeypatch.setattr(steps, "load_encoder", lambda ctx: encoder)
+    _round(store, encoder, tag, 0)
+    example = pd.DataFrame(np.zeros((3, len(FEATURES))), columns=FEATURES)
+    ctx = steps.prepare(f"manual__{tag}_1", None, {**store, **_names(tag)})
+    storage.write_json(steps._uri(ctx, "evaluate", "metrics.json"), {"test_mse": 1e-9})
+    cfg = steps.config_of(ctx)
+    versions = tracking.register_encoder(
+        cfg, ctx["mlflow_run_id"], ctx["run_key"], encoder, example, {}
+    )
+    return ctx, {
+        "encoder_model_name": cfg.registry.encoder_model_name,
+        "scaler_model_name": cfg.registry.scaler_model_name,
+        "encoder_version": versions["encoder"],
+        "scaler_version": versions["scaler"],
+    }
+
+
+def _champion_run_key(store, tag):
+    c = MlflowClient(store["registry.tracking_uri"])
+    return [
+        c.get_model_version_by_alias(n, "champion").tags[tracking.RUN_KEY_TAG]
+        for n in _names(tag).values()
+    ]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        __import__("mlflow").exceptions.MlflowException("503 Service Unavailable"),
+        OSError("connection reset"),
+    ],
+)
+def test_a_champion_that_cannot_be_loaded_fails_the_task_not_the_rule(
+    store, encoder, monkeypatch, error
+):
+    from sae_pipeline.registry import gate
+
+    tag = f"unloadable-{type(error).__name__}"
+    ctx, registered = _challenger_over_champion(store, encoder, tag, monkeypatch)
+
+    def unloadable(*args):
+        raise error
+
+    monkeypatch.setattr(gate, "registered_encoder", unloadable)
+    # The recorded test_mse (1e-9) would win on the old fallback; the task must fail instead.
+    with pytest.raises(type(error)):
+        steps.promote(ctx, registered)
+    assert _champion_run_key(store, tag) == [f"manual__{tag}_0"] * 2
+
+
+def test_a_champion_with_other_columns_is_not_compared_on_recorded_numbers(
+    store, encoder, monkeypatch
+):
+    from sae_pipeline.registry import gate
+
+    ctx, registered = _challenger_over_champion(store, encoder, "columns", monkeypatch)
+    other = Contract(["y0", "y1", "y2", "y3"], dict.fromkeys(["y0", "y1", "y2", "y3"], "float64"))
+    champion = Encoder(other, encoder.scaler, encoder.net)
+    monkeypatch.setattr(gate, "registered_encoder", lambda *args: champion)
+    result = steps.promote(ctx, registered)
+    assert result["promoted"] is False
+    assert result["reason"] == "needs review: champion reads other columns"
+    assert _champion_run_key(store, "columns") == ["manual__columns_0"] * 2
+    c = MlflowClient(store["registry.tracking_uri"])
+    version = c.get_model_version("enc-columns", registered["encoder_version"])
+    assert version.tags["sae.gate.decision"] == "rejected"
