@@ -28,6 +28,8 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
+from sae_pipeline.config import task_timeout
+
 NEW_BATCHES = Asset(
     name="sae_new_batches", uri=os.environ.get("SAE_NEW_BATCHES_URI", "sae://batches/new")
 )
@@ -75,7 +77,11 @@ def _optional(kind: str, doc: str) -> Param:
     },
     doc_md=__doc__,
     tags=["sae", "monitoring"],
-    default_args={"retries": 2, "retry_delay": pendulum.duration(seconds=10)},
+    default_args={
+        "retries": 2,
+        "retry_delay": pendulum.duration(seconds=10),
+        "execution_timeout": task_timeout(),
+    },
 )
 def sae_drift_monitor():
     @task(inlets=[NEW_BATCHES])

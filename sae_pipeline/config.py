@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -304,6 +306,31 @@ def _flatten(config: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
         else:
             items.append((name, value))
     return items
+
+
+def task_timeout(heavy: bool = False) -> timedelta:
+    """A DAG task's ``execution_timeout``: ``$SAE_TASK_TIMEOUT_MINUTES`` (default 60), or for
+    heavy tasks (training on the heavy queue) ``$SAE_HEAVY_TASK_TIMEOUT_MINUTES`` (default 720).
+    A hung call then frees its worker slot (the single GPU slot, for heavy tasks)."""
+    name, default = (
+        ("SAE_HEAVY_TASK_TIMEOUT_MINUTES", 720) if heavy else ("SAE_TASK_TIMEOUT_MINUTES", 60)
+    )
+    raw = os.environ.get(name, "").strip()
+    try:
+        minutes = float(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of minutes, got {raw!r}") from None
+    if minutes <= 0:
+        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    return timedelta(minutes=minutes)
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s]*@")
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with every password in a URL (``scheme://user:password@host``) shown as ***."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def _error_message(err: ValidationError) -> str:

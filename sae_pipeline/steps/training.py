@@ -39,6 +39,7 @@ __all__ = [
     "ingest",
     "load_encoder",
     "load_trained",
+    "mark_failed",
     "prepare",
     "pretrain_layer",
     "promote",
@@ -222,6 +223,14 @@ def promote(ctx: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
             champion = promotion.converge(c, enc_name, sc_name)
     log.info("gate: %s (%s); champion is version %s", decision, reason, champion)
     return {"promoted": promoted, "reason": reason, "champion_version": champion}
+
+
+def mark_failed(ctx: dict[str, Any], reason: str) -> None:
+    """End the DAG run's MLflow run as FAILED (a task failed for good); else it stays Running."""
+    from sae_pipeline.registry import tracking
+
+    tracking.mark_failed(config_of(ctx), ctx["mlflow_run_id"], reason)
+    log.info("MLflow run %s marked FAILED: %s", ctx["mlflow_run_id"], reason)
 
 
 def run_training(

@@ -69,3 +69,74 @@ def test_params_map_to_config_fields():
     assert cfg.training.pretrain.epochs == 3
     assert cfg.training.pretrain.batch_size == cfg.training.finetune.batch_size == 32
     assert cfg.training.seed == 0
+
+
+# ---- timeouts, failure callbacks, errors that retries cannot fix -----------------------------
+def test_every_task_has_an_execution_timeout_and_heavy_ones_a_longer_one():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    for dag in bag.dags.values():
+        for t in dag.tasks:
+            assert t.execution_timeout is not None, (dag.dag_id, t.task_id)
+    training = bag.dags["sae_training"]
+    assert training.get_task("finetune").execution_timeout > (
+        training.get_task("evaluate").execution_timeout
+    )
+
+
+def test_task_timeouts_are_configurable(tmp_path, monkeypatch):
+    import datetime
+
+    monkeypatch.setenv("SAE_TASK_TIMEOUT_MINUTES", "5")
+    monkeypatch.setenv("SAE_HEAVY_TASK_TIMEOUT_MINUTES", "90")
+    dag = _load_dag_module("sae_training").build_training_dag(None)
+    assert dag.get_task("register").execution_timeout == datetime.timedelta(minutes=5)
+    assert dag.get_task("finetune").execution_timeout == datetime.timedelta(minutes=90)
+
+
+def test_prepare_fails_at_once_on_a_config_error(tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = _load_dag_module("sae_training").build_training_dag(None)
+    prepare = dag.get_task("prepare").python_callable
+    with pytest.raises(AirflowFailException, match="not found"):
+        prepare(params={"config_path": str(tmp_path / "missing.yaml")}, run_id="manual__x")
+
+
+def test_a_task_that_fails_for_good_marks_the_mlflow_run_failed(store):
+    from mlflow import MlflowClient
+
+    from sae_pipeline.steps import training as steps
+
+    module = _load_dag_module("sae_training")
+    dag = module.build_training_dag(None)
+    assert all(t.on_failure_callback for t in dag.tasks)
+    ctx = steps.prepare("manual__fails", None, store)
+
+    class TaskInstance:
+        task_id = "finetune"
+
+        def xcom_pull(self, task_ids):
+            return ctx if task_ids == "prepare" else None
+
+    module.mark_mlflow_run_failed({"ti": TaskInstance(), "exception": RuntimeError("CUDA OOM")})
+    run = MlflowClient(store["registry.tracking_uri"]).get_run(ctx["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert "finetune failed: CUDA OOM" in run.data.tags["sae.failure"]
+
+
+def test_candidate_child_runs_are_ended(store):
+    from mlflow import MlflowClient
+
+    from sae_pipeline.registry import tracking
+    from sae_pipeline.steps import training as steps
+
+    ctx = steps.prepare("manual__candidates", None, store)
+    cfg = steps.config_of(ctx)
+    child = tracking.child_run(cfg, ctx["mlflow_run_id"], "candidate a", {"x": 1}, {"val_mse": 0.5})
+    run = MlflowClient(store["registry.tracking_uri"]).get_run(child)
+    assert run.info.status == "FINISHED" and run.data.metrics["val_mse"] == 0.5
+    # Found again (not created twice) on a retry.
+    assert tracking.child_run(cfg, ctx["mlflow_run_id"], "candidate a", {"x": 1}) == child
