@@ -8,8 +8,10 @@ saved as HTML and JSON under `<root>/monitoring/checks/<run>/` and logged to MLf
 version, drift share per signal, decision and reason.
 
 - **When**: daily (`$SAE_DRIFT_SCHEDULE`, cron) and whenever a batch is announced on the
-  `sae_new_batches` Asset. A scheduled run checks the latest announced batch; the `batch`
-  param overrides both.
+  `sae_new_batches` Asset. A scheduled run checks the latest announced batch (only the newest
+  event is read); the `batch` param overrides both. A batch already judged against the same
+  champion version is not judged again: the run returns the earlier decision and triggers
+  nothing (`<root>/monitoring/decisions/<model>/v<version>/<batch key>.json`).
 - **Policy** (`$SAE_DRIFT_POLICY` YAML, or params): drift share threshold, per-signal
   thresholds, minimum batch size, sample size, retraining on or off.
 - **Retraining**: when drift is found, `retraining_conf` writes the champion's training
@@ -93,9 +95,9 @@ def sae_drift_monitor():
         from sae_pipeline.steps import monitoring
 
         try:
-            return monitoring.context(
-                run_id, params, triggering_asset_events, inlet_events[NEW_BATCHES]
-            )
+            # Only the newest event: reading them all grows with every batch ever announced.
+            latest = inlet_events[NEW_BATCHES].ascending(False).limit(1)
+            return monitoring.context(run_id, params, triggering_asset_events, latest)
         except batches.NoBatch as err:  # a scheduled run before any batch was announced
             raise AirflowSkipException(str(err)) from None
         except DataError as err:  # a batch that breaks the contract stays broken: no retries

@@ -140,3 +140,46 @@ def test_candidate_child_runs_are_ended(store):
     assert run.info.status == "FINISHED" and run.data.metrics["val_mse"] == 0.5
     # Found again (not created twice) on a retry.
     assert tracking.child_run(cfg, ctx["mlflow_run_id"], "candidate a", {"x": 1}) == child
+
+
+def test_drift_monitor_reads_only_the_newest_asset_event(monkeypatch):
+    """inlet_events[asset] fetches every event ever emitted unless bounded."""
+    from types import SimpleNamespace
+
+    from sae_pipeline.steps import monitoring
+
+    module = _load_dag_module("sae_drift_monitor")
+
+    class Events:  # the shape of Airflow's InletEventsAccessor
+        def __init__(self):
+            self.query = {"ascending": True, "limit": None}
+
+        def ascending(self, ascending=True):
+            self.query["ascending"] = ascending
+            return self
+
+        def limit(self, limit):
+            self.query["limit"] = limit
+            return self
+
+        def __getitem__(self, i):
+            if self.query != {"ascending": False, "limit": 1}:
+                raise AssertionError(f"fetched all events: {self.query}")
+            return [SimpleNamespace(extra={"path": "/data/newest.parquet"})][i]
+
+        def __len__(self):
+            return 1
+
+    seen = {}
+
+    def context(run_id, params, events, latest):
+        seen["batch"] = latest[-1].extra["path"]
+        return {"ok": True}
+
+    monkeypatch.setattr(monitoring, "context", context)
+    prepare = module.drift_dag.get_task("prepare").python_callable
+    assert prepare(
+        params={}, run_id="scheduled__x", triggering_asset_events={},
+        inlet_events={module.NEW_BATCHES: Events()},
+    ) == {"ok": True}  # fmt: skip
+    assert seen["batch"] == "/data/newest.parquet"
