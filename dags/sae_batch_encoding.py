@@ -25,7 +25,8 @@ import os
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-from sae_pipeline.config import load_config, task_timeout
+from sae_pipeline.config import load_config
+from sae_pipeline.deployment import task_timeout
 
 NEW_BATCHES = Asset(
     name="sae_new_batches", uri=os.environ.get("SAE_NEW_BATCHES_URI", "sae://batches/new")
@@ -78,12 +79,12 @@ def sae_batch_encoding():
     def prepare(params=None, run_id=None, triggering_asset_events=None) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from sae_pipeline.errors import DataError
+        from sae_pipeline.errors import ConfigError, DataError
         from sae_pipeline.steps import encoding
 
         try:
             return encoding.context(run_id, params, triggering_asset_events)
-        except DataError as err:  # a batch that breaks the contract stays broken: no retries
+        except (ConfigError, DataError) as err:  # a bad batch or setting stays bad: no retries
             raise AirflowFailException(str(err)) from err
 
     @task

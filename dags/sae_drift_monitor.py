@@ -30,7 +30,7 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
-from sae_pipeline.config import task_timeout
+from sae_pipeline.deployment import task_timeout
 
 NEW_BATCHES = Asset(
     name="sae_new_batches", uri=os.environ.get("SAE_NEW_BATCHES_URI", "sae://batches/new")
@@ -91,16 +91,17 @@ def sae_drift_monitor():
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from sae_pipeline.data import batches
-        from sae_pipeline.errors import DataError
+        from sae_pipeline.errors import ConfigError, DataError
         from sae_pipeline.steps import monitoring
 
         try:
             # Only the newest event: reading them all grows with every batch ever announced.
-            latest = inlet_events[NEW_BATCHES].ascending(False).limit(1)
+            events = inlet_events[NEW_BATCHES]
+            latest = None if params.get("batch") else events.ascending(False).limit(1)
             return monitoring.context(run_id, params, triggering_asset_events, latest)
         except batches.NoBatch as err:  # a scheduled run before any batch was announced
             raise AirflowSkipException(str(err)) from None
-        except DataError as err:  # a batch that breaks the contract stays broken: no retries
+        except (ConfigError, DataError) as err:  # a bad batch or setting stays bad: no retries
             raise AirflowFailException(str(err)) from err
 
     @task

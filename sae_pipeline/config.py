@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -84,6 +83,12 @@ class DataConfig(_Section):
     )
     format: Literal["auto", "csv", "parquet", "sklearn", "sql"] = "auto"
     query: str | None = Field(None, description="SQL query when `source` is a SQLAlchemy URL.")
+    source_password_env: str | None = Field(
+        None,
+        description="Environment variable holding the database password of a `source` URL "
+        "written without one (postgresql://etl@db/x): the password never enters the config, "
+        "MLflow or the run conf.",
+    )
     label_column: str | None = Field("target", description="Optional label, used by probes only.")
     id_column: str | None = Field(None, description="Optional id carried through untouched.")
     feature_columns: list[str] | None = Field(
@@ -292,8 +297,12 @@ class PipelineConfig(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def flat_params(self) -> dict[str, str]:
-        """The config as flat ``section.key`` strings, for MLflow params."""
-        return {k: json.dumps(v) if not isinstance(v, str) else v for k, v in _flatten(self)}
+        """The config as flat ``section.key`` strings, for MLflow params (which every MLflow
+        user may read): passwords in URLs are masked."""
+        return {
+            k: mask_credentials(json.dumps(v) if not isinstance(v, str) else v)
+            for k, v in _flatten(self)
+        }
 
 
 def _flatten(config: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
@@ -306,23 +315,6 @@ def _flatten(config: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
         else:
             items.append((name, value))
     return items
-
-
-def task_timeout(heavy: bool = False) -> timedelta:
-    """A DAG task's ``execution_timeout``: ``$SAE_TASK_TIMEOUT_MINUTES`` (default 60), or for
-    heavy tasks (training on the heavy queue) ``$SAE_HEAVY_TASK_TIMEOUT_MINUTES`` (default 720).
-    A hung call then frees its worker slot (the single GPU slot, for heavy tasks)."""
-    name, default = (
-        ("SAE_HEAVY_TASK_TIMEOUT_MINUTES", 720) if heavy else ("SAE_TASK_TIMEOUT_MINUTES", 60)
-    )
-    raw = os.environ.get(name, "").strip()
-    try:
-        minutes = float(raw) if raw else default
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of minutes, got {raw!r}") from None
-    if minutes <= 0:
-        raise ConfigError(f"{name} must be positive, got {raw!r}")
-    return timedelta(minutes=minutes)
 
 
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s]*@")

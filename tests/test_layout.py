@@ -19,6 +19,7 @@ LAYERS = {
     "errors": 0,
     "storage": 0,
     "config": 1,
+    "deployment": 1,
     "data": 2,
     "engine": 3,
     "registry": 4,

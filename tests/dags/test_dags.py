@@ -183,3 +183,36 @@ def test_drift_monitor_reads_only_the_newest_asset_event(monkeypatch):
         inlet_events={module.NEW_BATCHES: Events()},
     ) == {"ok": True}  # fmt: skip
     assert seen["batch"] == "/data/newest.parquet"
+
+
+@pytest.mark.parametrize(
+    ("dag_file", "attr"), [("sae_training", None), ("sae_drift_monitor", "drift_dag")]
+)
+def test_a_run_with_a_foreign_tracking_uri_is_refused_before_any_mlflow_call(
+    monkeypatch, dag_file, attr
+):
+    """The workers hold MLflow credentials; MLflow sends them to whatever server a run names."""
+    import mlflow
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "sae-worker")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "worker-secret")
+    calls = []
+
+    def no_mlflow(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("an MLflow call before the check")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "__init__", no_mlflow)
+    monkeypatch.setattr(mlflow, "set_tracking_uri", no_mlflow)
+    module = _load_dag_module(dag_file)
+    dag = getattr(module, attr) if attr else module.build_training_dag(None)
+    prepare = dag.get_task("prepare").python_callable
+    kwargs = {}
+    if attr:  # the asset's events are not read: the batch param names the batch
+        kwargs = {"triggering_asset_events": {}, "inlet_events": {module.NEW_BATCHES: None}}
+    params = {"tracking_uri": "http://collector.example:5000", "batch": "/data/b.parquet"}
+    with pytest.raises(AirflowFailException, match="not this deployment's MLflow server"):
+        prepare(params=params, run_id="manual__evil", **kwargs)
+    assert calls == []
