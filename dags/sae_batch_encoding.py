@@ -26,7 +26,7 @@ import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
 from sae_pipeline.config import load_config
-from sae_pipeline.deployment import task_timeout
+from sae_pipeline.steps.deployment import task_timeout
 
 NEW_BATCHES = Asset(
     name="sae_new_batches", uri=os.environ.get("SAE_NEW_BATCHES_URI", "sae://batches/new")

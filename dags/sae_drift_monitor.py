@@ -30,7 +30,7 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
-from sae_pipeline.deployment import task_timeout
+from sae_pipeline.steps.deployment import task_timeout
 
 NEW_BATCHES = Asset(
     name="sae_new_batches", uri=os.environ.get("SAE_NEW_BATCHES_URI", "sae://batches/new")

@@ -20,7 +20,7 @@ import pendulum
 from airflow.sdk import Param, chain, dag, task
 
 from sae_pipeline.config import load_config
-from sae_pipeline.deployment import task_timeout
+from sae_pipeline.steps.deployment import task_timeout
 
 # Run parameters -> the config fields they override (None leaves the config's value).
 PARAM_FIELDS = {

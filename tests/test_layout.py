@@ -19,7 +19,6 @@ LAYERS = {
     "errors": 0,
     "storage": 0,
     "config": 1,
-    "deployment": 1,
     "data": 2,
     "engine": 3,
     "registry": 4,

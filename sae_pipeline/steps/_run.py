@@ -52,12 +52,12 @@ def prepare(
     expected_layers: int | None = None,
 ) -> dict[str, Any]:
     """Validate the config once, store it with the run, and open (or find) the MLflow run."""
-    from sae_pipeline.deployment import (
+    from sae_pipeline.registry import tracking
+    from sae_pipeline.steps.deployment import (
         check_config_path,
         check_no_inline_password,
         check_run_locations,
     )
-    from sae_pipeline.registry import tracking
 
     check_config_path(config_path)
     cfg = load_config(config_path, **(overrides or {}))

@@ -11,8 +11,8 @@ from typing import Any
 from sae_pipeline import storage
 from sae_pipeline.config import load_config
 from sae_pipeline.data.batches import NoBatch, inspect_batch, list_files, sources_from_events
-from sae_pipeline.deployment import check_config_path, check_run_locations
 from sae_pipeline.registry import champion
+from sae_pipeline.steps.deployment import check_config_path, check_run_locations
 
 log = logging.getLogger(__name__)
 

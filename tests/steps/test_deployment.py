@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from sae_pipeline.config import build_config, mask_credentials
-from sae_pipeline.deployment import (
+from sae_pipeline.errors import ConfigError, DataError
+from sae_pipeline.steps.deployment import (
     check_config_path,
     check_no_inline_password,
     check_run_locations,
 )
-from sae_pipeline.errors import ConfigError, DataError
 
 DEPLOYMENT_ENV = (
     "SAE_ALLOWED_TRACKING_URIS", "SAE_ALLOWED_ARTIFACT_ROOTS", "SAE_ALLOWED_CONFIG_DIRS",
