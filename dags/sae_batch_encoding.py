@@ -26,6 +26,7 @@ import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
 from sae_pipeline.config import load_config
+from sae_pipeline.steps.deployment import task_timeout
 
 NEW_BATCHES = Asset(
     name="sae_new_batches", uri=os.environ.get("SAE_NEW_BATCHES_URI", "sae://batches/new")
@@ -67,7 +68,11 @@ def _optional(kind: str, doc: str) -> Param:
     },
     doc_md=__doc__,
     tags=["sae", "encoding"],
-    default_args={"retries": 2, "retry_delay": pendulum.duration(seconds=10)},
+    default_args={
+        "retries": 2,
+        "retry_delay": pendulum.duration(seconds=10),
+        "execution_timeout": task_timeout(),
+    },
 )
 def sae_batch_encoding():
     @task
@@ -88,7 +93,7 @@ def sae_batch_encoding():
 
         return encoding.plan_step(ctx)
 
-    @task(queue=HEAVY_QUEUE)
+    @task(queue=HEAVY_QUEUE, execution_timeout=task_timeout(heavy=True))
     def encode_shard(ctx: dict, shard: dict) -> dict:
         from sae_pipeline.steps import encoding
 

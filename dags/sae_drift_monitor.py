@@ -8,8 +8,10 @@ saved as HTML and JSON under `<root>/monitoring/checks/<run>/` and logged to MLf
 version, drift share per signal, decision and reason.
 
 - **When**: daily (`$SAE_DRIFT_SCHEDULE`, cron) and whenever a batch is announced on the
-  `sae_new_batches` Asset. A scheduled run checks the latest announced batch; the `batch`
-  param overrides both.
+  `sae_new_batches` Asset. A scheduled run checks the latest announced batch (only the newest
+  event is read); the `batch` param overrides both. A batch already judged against the same
+  champion version is not judged again: the run returns the earlier decision and triggers
+  nothing (`<root>/monitoring/decisions/<model>/v<version>/<batch key>.json`).
 - **Policy** (`$SAE_DRIFT_POLICY` YAML, or params): drift share threshold, per-signal
   thresholds, minimum batch size, sample size, retraining on or off.
 - **Retraining**: when drift is found, `retraining_conf` writes the champion's training
@@ -27,6 +29,8 @@ import os
 import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+
+from sae_pipeline.steps.deployment import task_timeout
 
 NEW_BATCHES = Asset(
     name="sae_new_batches", uri=os.environ.get("SAE_NEW_BATCHES_URI", "sae://batches/new")
@@ -75,7 +79,11 @@ def _optional(kind: str, doc: str) -> Param:
     },
     doc_md=__doc__,
     tags=["sae", "monitoring"],
-    default_args={"retries": 2, "retry_delay": pendulum.duration(seconds=10)},
+    default_args={
+        "retries": 2,
+        "retry_delay": pendulum.duration(seconds=10),
+        "execution_timeout": task_timeout(),
+    },
 )
 def sae_drift_monitor():
     @task(inlets=[NEW_BATCHES])
@@ -83,16 +91,17 @@ def sae_drift_monitor():
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from sae_pipeline.data import batches
-        from sae_pipeline.errors import DataError
+        from sae_pipeline.errors import ConfigError, DataError
         from sae_pipeline.steps import monitoring
 
         try:
-            return monitoring.context(
-                run_id, params, triggering_asset_events, inlet_events[NEW_BATCHES]
-            )
+            # Only the newest event: reading them all grows with every batch ever announced.
+            events = inlet_events[NEW_BATCHES]
+            latest = None if params.get("batch") else events.ascending(False).limit(1)
+            return monitoring.context(run_id, params, triggering_asset_events, latest)
         except batches.NoBatch as err:  # a scheduled run before any batch was announced
             raise AirflowSkipException(str(err)) from None
-        except DataError as err:  # a batch that breaks the contract stays broken: no retries
+        except (ConfigError, DataError) as err:  # a bad batch or setting stays bad: no retries
             raise AirflowFailException(str(err)) from err
 
     @task

@@ -20,6 +20,7 @@ import pendulum
 from airflow.sdk import Param, chain, dag, task
 
 from sae_pipeline.config import load_config
+from sae_pipeline.steps.deployment import task_timeout
 
 # Run parameters -> the config fields they override (None leaves the config's value).
 PARAM_FIELDS = {
@@ -68,6 +69,17 @@ def overrides_from_params(params: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def mark_mlflow_run_failed(context) -> None:
+    """on_failure_callback: a task failed for good, so the run's MLflow run ends FAILED."""
+    ti = context["ti"]
+    ctx = ti.xcom_pull(task_ids="prepare")
+    if not ctx:  # prepare itself failed: no MLflow run was opened, or it cannot be found
+        return
+    from sae_pipeline.steps import training as steps
+
+    steps.mark_failed(ctx, f"task {ti.task_id} failed: {context.get('exception')}")
+
+
 def build_training_dag(config_path: str | None = None, dag_id: str = "sae_training"):
     """The training DAG for the config at ``config_path``: one task per step and per layer."""
     cfg = load_config(config_path)
@@ -83,19 +95,32 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
         params=_params(),
         doc_md=__doc__,
         tags=["sae", "training"],
-        default_args={"retries": 2, "retry_delay": pendulum.duration(seconds=10)},
+        default_args={
+            "retries": 2,
+            "retry_delay": pendulum.duration(seconds=10),
+            "execution_timeout": task_timeout(),
+            "on_failure_callback": mark_mlflow_run_failed,
+        },
     )
     def sae_training():
+        heavy = {"queue": heavy_queue, "execution_timeout": task_timeout(heavy=True)}
+
         @task
         def prepare(params: dict | None = None, run_id: str | None = None) -> dict:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            from sae_pipeline.errors import ConfigError, RegistryError
             from sae_pipeline.steps import training as steps
 
-            return steps.prepare(
-                run_id,
-                params.get("config_path") or config_path,
-                overrides_from_params(params),
-                expected_layers=n_layers,
-            )
+            try:
+                return steps.prepare(
+                    run_id,
+                    params.get("config_path") or config_path,
+                    overrides_from_params(params),
+                    expected_layers=n_layers,
+                )
+            except (ConfigError, RegistryError) as err:  # a retry cannot fix either: fail now
+                raise AirflowFailException(str(err)) from err
 
         @task
         def ingest(ctx: dict) -> dict:
@@ -127,7 +152,7 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
 
             return steps.fit_scaler(ctx)
 
-        @task(queue=heavy_queue)
+        @task(**heavy)
         def try_candidate(ctx: dict, candidate: dict) -> dict:
             from sae_pipeline.steps import training as steps
 
@@ -139,13 +164,13 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
 
             return steps.select_candidate(ctx, list(results))
 
-        @task(queue=heavy_queue)
+        @task(**heavy)
         def pretrain_layer(ctx: dict, layer: int) -> dict:
             from sae_pipeline.steps import training as steps
 
             return steps.pretrain_layer(ctx, layer)
 
-        @task(queue=heavy_queue)
+        @task(**heavy)
         def finetune(ctx: dict) -> dict:
             from sae_pipeline.steps import training as steps
 

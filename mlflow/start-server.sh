@@ -21,6 +21,9 @@
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  CSRF key, the same on every replica (required)
 #   MLFLOW_AUTH_DEFAULT_PERMISSION  READ (default), EDIT, MANAGE or NO_PERMISSIONS
 #   MLFLOW_AUTH_CACHE_TTL_SECONDS   how long a checked password stays cached (default: 60)
+#   MLFLOW_WORKER_USERNAME, MLFLOW_WORKER_PASSWORD   the Airflow workers' user, created (not an
+#                                   admin; EDIT on the pipeline's experiments and models) by
+#                                   create-worker-user.py once the server answers
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 : "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI (postgresql://...)}"
@@ -74,6 +77,10 @@ esac
 # SIGTERM/SIGINT so that `docker stop` and the tests stop the server cleanly.
 "$MLFLOW" "${args[@]}" &
 server=$!
+if [ "${MLFLOW_AUTH:-basic}" = basic ] && [ -n "${MLFLOW_WORKER_USERNAME:-}" ]; then
+    : "${MLFLOW_WORKER_PASSWORD:?set MLFLOW_WORKER_PASSWORD (the MLflow user of the workers)}"
+    "$PYTHON" "$here/create-worker-user.py" &
+fi
 trap 'kill -TERM "$server" 2>/dev/null' TERM INT
 wait "$server" || status=$?
 wait "$server" 2>/dev/null || true

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -82,6 +83,12 @@ class DataConfig(_Section):
     )
     format: Literal["auto", "csv", "parquet", "sklearn", "sql"] = "auto"
     query: str | None = Field(None, description="SQL query when `source` is a SQLAlchemy URL.")
+    source_password_env: str | None = Field(
+        None,
+        description="Environment variable holding the database password of a `source` URL "
+        "written without one (postgresql://etl@db/x): the password never enters the config, "
+        "MLflow or the run conf.",
+    )
     label_column: str | None = Field("target", description="Optional label, used by probes only.")
     id_column: str | None = Field(None, description="Optional id carried through untouched.")
     feature_columns: list[str] | None = Field(
@@ -217,6 +224,9 @@ class RegistryConfig(_Section):
     encoder_model_name: str = Field("sae-digits-encoder", min_length=1)
     scaler_model_name: str = Field("sae-digits-scaler", min_length=1)
     gate: GateConfig = GateConfig()
+    promotion_lock_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        600.0, description="How long a promotion waits for another one of the same model."
+    )
 
 
 class SelectionConfig(_Section):
@@ -287,8 +297,12 @@ class PipelineConfig(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def flat_params(self) -> dict[str, str]:
-        """The config as flat ``section.key`` strings, for MLflow params."""
-        return {k: json.dumps(v) if not isinstance(v, str) else v for k, v in _flatten(self)}
+        """The config as flat ``section.key`` strings, for MLflow params (which every MLflow
+        user may read): passwords in URLs are masked."""
+        return {
+            k: mask_credentials(json.dumps(v) if not isinstance(v, str) else v)
+            for k, v in _flatten(self)
+        }
 
 
 def _flatten(config: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
@@ -301,6 +315,14 @@ def _flatten(config: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
         else:
             items.append((name, value))
     return items
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s]*@")
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with every password in a URL (``scheme://user:password@host``) shown as ***."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text)
 
 
 def _error_message(err: ValidationError) -> str:

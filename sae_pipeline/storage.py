@@ -6,10 +6,12 @@ temporary name and renamed; object stores (s3://, gs://) make a PUT visible all 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -114,3 +116,56 @@ def read_torch(uri: str) -> Any:
     import torch
 
     return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
+
+
+# ---- advisory locks ---------------------------------------------------------------------------
+class LockTimeout(TimeoutError):
+    """Another holder kept a lock longer than we were willing to wait."""
+
+
+@contextlib.contextmanager
+def lock(uri: str, timeout: float = 600.0, stale_after: float = 3600.0):
+    """Hold an advisory lock named by ``uri`` (under the artifact root) for the ``with`` body.
+
+    Local roots (the compose volume, NFS) use ``flock`` on the file: the kernel releases it when
+    the holder dies, so a crashed task never leaves it held. Object stores have no lock
+    primitive; there the lock is a lease object (owner token and time) taken over once older
+    than ``stale_after`` seconds: best effort, callers must stay correct without it.
+    """
+    deadline = time.monotonic() + timeout
+    if is_local(uri):
+        import fcntl
+
+        path = local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as fh:
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LockTimeout(f"lock {uri} still held after {timeout:g} s") from None
+                    time.sleep(0.2)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return
+    token = uuid.uuid4().hex
+    while True:
+        held = read_json(uri) if exists(uri) else None
+        if held is None or time.time() - held["time"] > stale_after:
+            write_json(uri, {"token": token, "time": time.time()})
+            time.sleep(1.0)  # a concurrent taker's write lands in between: the last one wins
+            if read_json(uri).get("token") == token:
+                break
+        if time.monotonic() > deadline:
+            raise LockTimeout(f"lock {uri} still held after {timeout:g} s")
+        time.sleep(1.0)
+    try:
+        yield
+    finally:
+        if exists(uri) and read_json(uri).get("token") == token:
+            fs, path = fsspec.core.url_to_fs(uri)
+            fs.rm(path)

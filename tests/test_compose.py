@@ -39,10 +39,16 @@ SERVICES = {
     "airflow-dag-processor",
     "airflow-triggerer",
     "airflow-worker-cpu",
-    "airflow-worker-gpu",
+    "airflow-worker-gpu-0",
+    "airflow-worker-gpu-1",
     "encoder-service",
 }
-WORKERS = {"airflow-worker-cpu": "default", "airflow-worker-gpu": "gpu"}
+WORKERS = {
+    "airflow-worker-cpu": "default",
+    "airflow-worker-gpu-0": "gpu",
+    "airflow-worker-gpu-1": "gpu",
+}
+FAB = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
 SECRET = re.compile(r"(PASSWORD|SECRET|_KEY)$|^REDISCLI_AUTH$")
 
 # Compose interpolation: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error},
@@ -160,7 +166,7 @@ def test_schema_check_rejects_a_broken_compose_file(compose):
 
     schema = json.loads((DOCKER / "compose-spec" / "compose-spec.json").read_text())
     broken = json.loads(json.dumps(compose))
-    broken["services"]["airflow-worker-gpu"]["deploy"]["resources"]["reservations"] = {
+    broken["services"]["airflow-worker-gpu-0"]["deploy"]["resources"]["reservations"] = {
         "devices": [{"driver": "nvidia", "count": "one", "capabilities": "gpu"}]
     }
     broken["services"]["redis"]["healthcheck"]["interval"] = 10
@@ -220,11 +226,12 @@ def test_services_queues_gpu_reservation_and_healthchecks(compose):
         (argv,) = invocations(services[name], "airflow")
         assert argv[:2] == ["celery", "worker"]
         assert argv[argv.index("--queues") + 1] == queue
-    gpu = services["airflow-worker-gpu"]
-    assert gpu["build"]["target"] == "cuda"
-    assert gpu["image"] != services["airflow-worker-cpu"]["image"]
-    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    for name in ("airflow-worker-gpu-0", "airflow-worker-gpu-1"):
+        gpu = services[name]
+        assert gpu["build"]["target"] == "cuda"
+        assert gpu["image"] != services["airflow-worker-cpu"]["image"]
+        (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
 
     # The config the DAGs run with sends heavy tasks to the gpu queue and keeps artifacts on
     # the volume every worker mounts.
@@ -332,6 +339,8 @@ print("parsed", len(json.loads(sys.argv[1])))
         "AIRFLOW_HOME": str(tmp_path),
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        # The users/roles/fab-db commands are the FAB auth manager's.
+        "AIRFLOW__CORE__AUTH_MANAGER": compose["x-airflow-env"]["AIRFLOW__CORE__AUTH_MANAGER"],
     }
     result = subprocess.run(
         [sys.executable, "-c", script, json.dumps(argvs), json.dumps(sorted(celery_apps))],
@@ -452,3 +461,115 @@ def test_mlflow_start_script_names_a_missing_setting(fake_mlflow, tmp_path):
     result = run_start_script(fake, tmp_path, MLFLOW_AUTH="none")
     assert result.returncode == 0, result.stderr
     assert "--app-name" not in (out / "args").read_text().splitlines()
+
+
+# ---- issue 15: GPUs, MLflow artifacts, auth, least privilege -------------------------------
+def test_each_gpu_worker_is_pinned_to_its_own_device(compose):
+    """`--scale` gives every replica the same GPU: one service per device instead."""
+    devices = {}
+    for name, service in compose["services"].items():
+        for reservation in (
+            service.get("deploy", {})
+            .get("resources", {})
+            .get("reservations", {})
+            .get("devices", [])
+        ):
+            assert "count" not in reservation, f"{name}: a count reservation is not spread"
+            devices[name] = reservation["device_ids"]
+    assert devices == {"airflow-worker-gpu-0": ["0"], "airflow-worker-gpu-1": ["1"]}
+    assert "--scale airflow-worker-gpu" not in COMPOSE.read_text()
+    assert compose["services"]["airflow-worker-gpu-1"]["profiles"] == ["second-gpu"]
+
+
+def test_mlflow_artifact_folder_is_in_the_image_and_owned_by_the_server_user(compose):
+    text = DOCKERFILE.read_text()
+    dest = compose["services"]["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"]
+    (setup,) = [r for r in re.findall(r"^RUN\s+(.+?)(?<!\\)$", text, re.M | re.S) if "useradd" in r]
+    assert re.search(rf"mkdir -p [^&]*{re.escape(dest)}(\s|$)", setup), setup
+    assert re.search(rf"chown -R airflow:0 [^&]*{re.escape(dest)}(\s|$)", setup), setup
+    assert "--uid 50000" in setup
+    # Both images run as that user (the mlflow service uses the cpu image).
+    for stage in re.split(r"^FROM ", text, flags=re.M)[2:]:
+        assert stage.rstrip().splitlines()[-1] == "USER airflow", stage.split()[2]
+
+
+def test_mlflow_healthcheck_fails_when_the_artifact_folder_is_not_writable(compose, tmp_path):
+    import http.server
+    import threading
+
+    test = compose["services"]["mlflow"]["healthcheck"]["test"]
+    assert test == ["CMD", "python", f"{IMAGE_ROOT}/mlflow/healthcheck.py"]
+    script = REPO / "mlflow" / "healthcheck.py"
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+
+        def check(folder: Path) -> subprocess.CompletedProcess:
+            env = {
+                **os.environ,
+                "MLFLOW_HEALTH_URL": f"http://127.0.0.1:{server.server_port}/health",
+                "MLFLOW_ARTIFACTS_DESTINATION": str(folder),
+            }
+            return subprocess.run(
+                [sys.executable, str(script)], env=env, capture_output=True, text=True
+            )
+
+        writable = tmp_path / "ok"
+        writable.mkdir()
+        assert check(writable).returncode == 0
+        assert list(writable.iterdir()) == []  # the probe is removed
+        result = check(tmp_path / "missing")  # as in the image before: no such folder
+        assert result.returncode == 1 and "not writable" in result.stderr
+    finally:
+        server.shutdown()
+
+
+def test_airflow_uses_the_fab_auth_manager_with_viewer_reviewer_and_admin_roles(compose):
+    env = compose["x-airflow-env"]
+    assert env["AIRFLOW__CORE__AUTH_MANAGER"] == FAB
+    assert not any("SIMPLE_AUTH_MANAGER" in k for k in env)
+    assert find_spec("airflow.providers.fab") is not None
+    init = invocations(compose["services"]["airflow-init"], "airflow")
+    assert ["fab-db", "migrate"] in init
+    (imported,) = [a for a in init if a[:2] == ["roles", "import"]]
+    mounts = dict(v.split(":")[:2][::-1] for v in compose["services"]["airflow-init"]["volumes"])
+    roles = json.loads((DOCKER / mounts[imported[2]]).read_text())
+    reviewer = {(a, r["resource"]) for r in roles for a in r["action"].split(",")}
+    assert {r["name"] for r in roles} == {"Reviewer"}
+    # A reviewer answers review (HITL) steps and reads the rest; it cannot trigger or edit.
+    assert ("can_edit", "HITL Detail") in reviewer
+    assert ("can_read", "DAGs") in reviewer
+    assert not {("can_create", "DAG Runs"), ("can_edit", "DAGs")} & reviewer
+    (create,) = [a for a in init if a[:2] == ["users", "create"]]
+    assert create[create.index("--role") + 1] == "Admin"
+
+
+def test_only_the_workers_hold_mlflow_credentials_and_not_the_admins(compose):
+    services = compose["services"]
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        if name in WORKERS:
+            assert env["MLFLOW_TRACKING_USERNAME"] == "sae-worker"
+            assert env["MLFLOW_TRACKING_PASSWORD"] == "test-mlflow_worker_password"
+            assert env["SAE_ALLOWED_TRACKING_URIS"] == env["MLFLOW_TRACKING_URI"]
+        elif name == "encoder-service":  # reads the registry as the workers' user
+            assert env["MLFLOW_TRACKING_USERNAME"] == "sae-worker"
+            assert env["MLFLOW_TRACKING_PASSWORD"] == "test-mlflow_worker_password"
+        elif name != "mlflow":
+            assert "MLFLOW_TRACKING_PASSWORD" not in env, name
+        assert "test-mlflow_admin_password" not in json.dumps(env) or name == "mlflow", name
+    mlflow_env = services["mlflow"]["environment"]
+    assert mlflow_env["MLFLOW_WORKER_USERNAME"] == "sae-worker"
+    start = (REPO / "mlflow" / "start-server.sh").read_text()
+    assert "create-worker-user.py" in start
+    assert (REPO / "mlflow" / "create-worker-user.py").stat().st_mode & stat.S_IXUSR

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sae_pipeline.config import DataConfig
+from sae_pipeline.config import DataConfig, mask_credentials
 from sae_pipeline.data._exact import numpy_unless_nullable, table_to_frame
 from sae_pipeline.data._paths import data_files
 from sae_pipeline.errors import DataError
@@ -63,7 +63,7 @@ def describe_source(source: str) -> str:
         from pathlib import Path
 
         return str(Path(source).resolve())
-    return source
+    return mask_credentials(source)
 
 
 def load_sklearn(name: str) -> pd.DataFrame:
@@ -90,7 +90,7 @@ def read_source(cfg: DataConfig) -> pd.DataFrame:
     if fmt == "sklearn":
         frame = load_sklearn(cfg.source.split("://", 1)[1].strip("/"))
     elif fmt == "sql":
-        frame = read_sql(cfg.source, cfg.query)
+        frame = read_sql(cfg.source, cfg.query, cfg.source_password_env)
     elif fmt == "csv":
         frame = read_csv(cfg.source, cfg.id_column)
     else:
@@ -199,15 +199,27 @@ def _read_parquet_file(fs, path: str, label: str) -> pd.DataFrame:
 
 
 # ---- SQL --------------------------------------------------------------------------------------
-def read_sql(url: str, query: str | None) -> pd.DataFrame:
-    """The result of ``query`` on the database at the SQLAlchemy ``url``."""
+def read_sql(url: str, query: str | None, password_env: str | None = None) -> pd.DataFrame:
+    """The result of ``query`` on the database at the SQLAlchemy ``url``; its password from the
+    environment variable ``password_env`` when given (it never enters the config)."""
+    import os
+
     import sqlalchemy
 
     shown = describe_source(url)
     if not query:
         raise DataError(f"data.source {shown!r} is a database URL but data.query is empty")
     try:
-        engine = sqlalchemy.create_engine(url)
+        target: Any = url
+        if password_env:
+            password = os.environ.get(password_env)
+            if not password:
+                raise DataError(
+                    f"data.source_password_env names {password_env!r}, which is not set in "
+                    "this worker's environment"
+                )
+            target = sqlalchemy.make_url(url).set(password=password)
+        engine = sqlalchemy.create_engine(target)
     except (sqlalchemy.exc.ArgumentError, ImportError, ValueError) as err:
         raise DataError(f"bad database URL {shown!r}: {_first_line(err)}") from None
     try:

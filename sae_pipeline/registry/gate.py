@@ -54,16 +54,53 @@ def measure(
     return metrics
 
 
+def same_columns(challenger, champion) -> bool:
+    """Whether both encoders read the same feature columns, in the same order."""
+    return list(champion.contract.feature_columns) == list(challenger.contract.feature_columns)
+
+
+def row_hashes(x: np.ndarray) -> np.ndarray:
+    """One 64-bit content hash per row of a feature matrix (float64 values)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(np.asarray(x, dtype=np.float64))
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+
+
+def trained_rows(snapshot, split: dict[str, Any] | None, features: list[str]) -> np.ndarray:
+    """Hashes of the rows a model fitted or early-stopped on: its training and validation
+    parts (every row of its snapshot when no split was stored)."""
+    x = snapshot[features].to_numpy(dtype=np.float64)
+    if split is not None:
+        x = x[np.concatenate([split["train"], split["val"]])]
+    return row_hashes(x)
+
+
+def without_rows(data: dict[str, Any], seen: np.ndarray) -> tuple[dict[str, Any], int]:
+    """``data`` with the test rows whose content is in ``seen`` left out; and how many were.
+
+    After retraining on the champion's snapshot plus new rows, the challenger's test split holds
+    rows the champion trained on, where the champion looks better than it is.
+    """
+    keep = ~np.isin(row_hashes(data["x_test"]), seen)
+    out = {**data, "x_test": data["x_test"][keep]}
+    if data.get("y_test") is not None:
+        out["y_test"] = data["y_test"][keep]
+    return out, int((~keep).sum())
+
+
 def on_test_split(
-    challenger, champion, data: dict[str, Any], probe_max_iter: int = 5000
+    challenger, champion, data: dict[str, Any], probe_max_iter: int = 5000, excluded: int = 0
 ) -> tuple[dict[str, float], dict[str, float], str] | None:
     """(challenger metrics, champion metrics, what they were measured on), or None when the
     champion reads other feature columns and cannot be run on these rows."""
-    if list(champion.contract.feature_columns) != list(challenger.contract.feature_columns):
+    if not same_columns(challenger, champion):
         return None
     ours = measure(challenger, data, challenger.scaler, probe_max_iter)
     theirs = measure(champion, data, challenger.scaler, probe_max_iter)
-    basis = f"both measured on the challenger's test split ({len(data['x_test'])} rows)"
+    basis = f"both measured on {len(data['x_test'])} of the challenger's test rows"
+    if excluded:
+        basis += f" ({excluded} left out: the champion trained on them)"
     return ours, theirs, basis
 
 

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from sae_pipeline import storage
-from sae_pipeline.config import PipelineConfig
+from sae_pipeline.config import PipelineConfig, mask_credentials
 from sae_pipeline.errors import RegistryError
 
 RUN_KEY_TAG = "sae.run_key"
@@ -74,8 +74,15 @@ def find_or_create_run(cfg: PipelineConfig, key: str, tags: dict[str, str]) -> s
     return run.info.run_id
 
 
-def child_run(cfg: PipelineConfig, parent_id: str, name: str, params: dict[str, Any]) -> str:
-    """A nested run under the pipeline run (one per selection candidate), found or created."""
+def child_run(
+    cfg: PipelineConfig,
+    parent_id: str,
+    name: str,
+    params: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+) -> str:
+    """A nested run under the pipeline run (one per selection candidate), found or created,
+    with its metrics logged and then ended (FINISHED): nothing more is logged to it."""
     c = client(cfg)
     parent = c.get_run(parent_id)
     key = f"{parent.data.tags.get(RUN_KEY_TAG, parent_id)}/{name}"
@@ -83,14 +90,26 @@ def child_run(cfg: PipelineConfig, parent_id: str, name: str, params: dict[str, 
         [parent.info.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
     )
     if found:
-        return found[0].info.run_id
-    run = c.create_run(
-        parent.info.experiment_id,
-        run_name=name,
-        tags={RUN_KEY_TAG: key, "mlflow.parentRunId": parent_id},
-    )
-    c.log_batch(run.info.run_id, params=[_param(k, str(v)) for k, v in params.items()])
-    return run.info.run_id
+        run_id = found[0].info.run_id
+    else:
+        run = c.create_run(
+            parent.info.experiment_id,
+            run_name=name,
+            tags={RUN_KEY_TAG: key, "mlflow.parentRunId": parent_id},
+        )
+        run_id = run.info.run_id
+        c.log_batch(run_id, params=[_param(k, str(v)) for k, v in params.items()])
+    if metrics:
+        log_metrics(cfg, run_id, metrics)
+    c.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def mark_failed(cfg: PipelineConfig, run_id: str, reason: str) -> None:
+    """End a run as FAILED (a task of its DAG run failed for good), saying why in a tag."""
+    c = client(cfg)
+    c.set_tag(run_id, "sae.failure", mask_credentials(reason)[:5000])
+    c.set_terminated(run_id, "FAILED")
 
 
 def _param(key: str, value: str):
@@ -156,7 +175,12 @@ def register_encoder(
     example,
     lineage: dict[str, str],
 ) -> dict[str, str]:
-    """Log and register the encoder bundle and the scaler (both pickle-free); tag lineage."""
+    """Log and register the encoder bundle and the scaler (both pickle-free) as ``challenger``.
+
+    Both versions carry the run key and the lineage tags from their creation (one MLflow call
+    creates the version with its tags), so a retry after a failure at any point finds what an
+    earlier try registered instead of registering a second version.
+    """
     from sae_pipeline.registry import bundle
 
     c = client(cfg)
@@ -176,8 +200,7 @@ def register_encoder(
         else:
             versions["scaler"] = str(existing["scaler"].version)
     for role, name in names.items():
-        for k, v in tags.items():
-            c.set_model_version_tag(name, versions[role], k, v)
+        c.set_registered_model_alias(name, CHALLENGER, versions[role])
     return versions
 
 

@@ -53,8 +53,16 @@ def prepare(
 ) -> dict[str, Any]:
     """Validate the config once, store it with the run, and open (or find) the MLflow run."""
     from sae_pipeline.registry import tracking
+    from sae_pipeline.steps.deployment import (
+        check_config_path,
+        check_no_inline_password,
+        check_run_locations,
+    )
 
+    check_config_path(config_path)
     cfg = load_config(config_path, **(overrides or {}))
+    check_run_locations(cfg)  # before any MLflow call: credentials go to the URI it allows
+    check_no_inline_password(cfg)
     if expected_layers is not None and cfg.n_layers != expected_layers:
         from sae_pipeline.errors import ConfigError
 

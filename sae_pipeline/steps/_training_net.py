@@ -42,9 +42,8 @@ def try_candidate(ctx: dict[str, Any], candidate: dict[str, Any]) -> dict[str, A
         cfg.evaluation.probe_max_iter,
     )
     child = tracking.child_run(
-        base, ctx["mlflow_run_id"], f"candidate {_candidate_key(candidate)}", candidate
+        base, ctx["mlflow_run_id"], f"candidate {_candidate_key(candidate)}", candidate, scores
     )
-    tracking.log_metrics(base, child, scores)
     result = {"candidate": candidate, "mlflow_run_id": child, **scores}
     storage.write_json(out, result)
     return result

@@ -12,6 +12,7 @@ from sae_pipeline import storage
 from sae_pipeline.config import load_config
 from sae_pipeline.data.batches import NoBatch, inspect_batch, list_files, sources_from_events
 from sae_pipeline.registry import champion
+from sae_pipeline.steps.deployment import check_config_path, check_run_locations
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ def batch_context(
     fields (the CLI's ``--set``).
     """
     config_path = params.get("config_path") or os.environ.get("SAE_CONFIG")
+    check_config_path(config_path)
     cfg = load_config(config_path, **{**(overrides or {}), **overrides_from_params(params)})
+    check_run_locations(cfg)  # before any MLflow call: credentials go to the URI it allows
     cfg = cfg.model_copy(update={"artifacts_root": storage.normalize_root(cfg.artifacts_root)})
     batch = params.get("batch") or sources_from_events(events)
     if not batch and latest is not None:

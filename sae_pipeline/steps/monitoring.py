@@ -6,6 +6,7 @@ same functions. Where things go::
 
     <root>/monitoring/reference/<model>/v<version>-<sample>.parquet    the champion's reference
     <root>/monitoring/checks/<run key>/{raw,codes,reconstruction_error}.{html,json}, summary.json
+    <root>/monitoring/decisions/<model>/v<version>/<batch key>.json  what was decided, by which run
     <root>/retraining/<run key>/training_data.parquet                  champion snapshot + batch
 
 and one MLflow run per check in the monitoring experiment (``DriftPolicy.experiment``): the
@@ -30,6 +31,7 @@ from sae_pipeline.errors import DataError
 from sae_pipeline.monitoring.drift import SIGNALS, DriftPolicy
 from sae_pipeline.registry import champion
 from sae_pipeline.registry.champion import ModelRef
+from sae_pipeline.steps._drift_decisions import decision_uri, earlier_decision
 from sae_pipeline.steps.batch_context import batch_context
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,9 @@ def check(
     summary_uri = storage.join(out, "summary.json")
     if storage.exists(summary_uri):  # a retry: the reports and the MLflow run exist
         return _short(storage.read_json(summary_uri))
+    earlier = earlier_decision(ctx)
+    if earlier is not None:
+        return earlier
     ref, policy = _ref(ctx), _policy(ctx)
     encoder = champion.load_encoder(ref)
     timings: dict[str, float] = {}
@@ -222,8 +227,10 @@ def check(
             summary["mlflow_run_id"], str(Path(tmp) / "summary.json"), "drift"
         )
         _publish(Path(tmp), out)
+    short = _short(summary)
+    storage.write_json(decision_uri(ctx), {"run_key": ctx["run_key"], "summary": short})
     log.info("drift check %s: %s", ctx["run_key"], summary["summary"])
-    return _short(summary)
+    return short
 
 
 # ---- reports and MLflow ----------------------------------------------------------------------

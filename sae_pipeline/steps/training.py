@@ -29,6 +29,8 @@ from sae_pipeline.steps._training_net import (
 
 log = logging.getLogger(__name__)
 
+NEEDS_REVIEW_COLUMNS = "needs review: champion reads other columns"
+
 __all__ = [
     "architecture",
     "config_of",
@@ -39,6 +41,7 @@ __all__ = [
     "ingest",
     "load_encoder",
     "load_trained",
+    "mark_failed",
     "prepare",
     "pretrain_layer",
     "promote",
@@ -134,78 +137,102 @@ def register(ctx: dict[str, Any]) -> dict[str, Any]:
     versions = tracking.register_encoder(
         cfg, ctx["mlflow_run_id"], ctx["run_key"], encoder, example, lineage
     )
-    names = {"encoder": cfg.registry.encoder_model_name, "scaler": cfg.registry.scaler_model_name}
-    for role, name in names.items():
-        tracking.set_alias(cfg, name, tracking.CHALLENGER, versions[role])
     return {
-        "encoder_model_name": names["encoder"],
-        "scaler_model_name": names["scaler"],
+        "encoder_model_name": cfg.registry.encoder_model_name,
+        "scaler_model_name": cfg.registry.scaler_model_name,
         "encoder_version": versions["encoder"],
         "scaler_version": versions["scaler"],
     }
 
 
 def _common_evaluation(ctx: dict[str, Any], cfg: PipelineConfig, name: str, version: str):
-    """Challenger and champion ``version`` measured on the challenger's test split:
-    (challenger metrics, champion metrics, basis), or None when that is not possible."""
-    import mlflow
+    """Challenger and champion ``version`` measured on the challenger's test rows that neither
+    trained on: (challenger metrics, champion metrics, basis); or, when there is no common
+    basis, the reason a person must review the challenger instead.
 
+    An MLflow or OS error (a server hiccup, a missing file) propagates: the task fails and is
+    retried, rather than the gate falling back to numbers measured on other rows and scales.
+    """
+    from sae_pipeline.registry import champion as champions
     from sae_pipeline.registry import gate as comparison
     from sae_pipeline.registry import tracking
 
-    try:
-        champion = comparison.registered_encoder(tracking.tracking_uri(cfg), name, version)
-    except (mlflow.exceptions.MlflowException, OSError) as err:
-        log.warning("gate: champion %s v%s cannot be loaded (%s)", name, version, err)
-        return None
+    challenger = load_encoder(ctx)
+    champion = comparison.registered_encoder(tracking.tracking_uri(cfg), name, version)
+    if not comparison.same_columns(challenger, champion):
+        return NEEDS_REVIEW_COLUMNS
+    ref = champions.resolve(cfg, version=version)
+    seen = comparison.trained_rows(
+        champions.training_snapshot(ref),
+        champions.split_indices(ref),
+        list(champion.contract.feature_columns),
+    )
+    data, excluded = comparison.without_rows(_dataset(ctx), seen)
+    if len(data["x_test"]) == 0:
+        return f"needs review: the champion trained on all {excluded} of the challenger's test rows"
     return comparison.on_test_split(
-        load_encoder(ctx), champion, _dataset(ctx), cfg.evaluation.probe_max_iter
+        challenger, champion, data, cfg.evaluation.probe_max_iter, excluded
     )
 
 
 def promote(ctx: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
-    """Make the challenger champion if it passes the gate; record the decision on the version."""
-    from sae_pipeline.registry import tracking
+    """Make the challenger champion if it passes the gate; record the decision on the version.
+
+    One promotion of a model at a time (``promotion_lock``); every attempt, a retry included,
+    ends with both ``champion`` aliases on one pair (``promotion.converge``).
+    """
+    from sae_pipeline.registry import promotion, tracking
 
     cfg = config_of(ctx)
     c = tracking.client(cfg)
     enc_name, sc_name = registered["encoder_model_name"], registered["scaler_model_name"]
     version = registered["encoder_version"]
-    challenger = storage.read_json(_uri(ctx, "evaluate", "metrics.json"))
-    current = tracking.alias_version(c, enc_name, tracking.CHAMPION)
-    champion_metrics = None
-    if current is not None and str(current.version) == version:
-        return {"promoted": True, "reason": "already champion", "champion_version": version}
-    basis = "no champion to compare with"
-    if current is not None:
-        champion_metrics = c.get_run(current.run_id).data.metrics
-        basis = "recorded metrics (the champion cannot run on the challenger's test rows)"
-        common = _common_evaluation(ctx, cfg, enc_name, str(current.version))
-        if common is not None:  # both models on the same rows: a fair comparison
-            challenger, champion_metrics, basis = common
-            tracking.log_metrics(
-                cfg,
-                ctx["mlflow_run_id"],
-                {f"gate_champion_{k}": v for k, v in champion_metrics.items()}
-                | {f"gate_challenger_{k}": v for k, v in challenger.items()},
-            )
-    promoted, reason = gate_decision(challenger, champion_metrics, cfg)
-    decision = "promoted" if promoted else "rejected"
-    for name, v in ((enc_name, version), (sc_name, registered["scaler_version"])):
-        c.set_model_version_tag(name, v, "sae.gate.decision", decision)
-        c.set_model_version_tag(name, v, "sae.gate.reason", reason)
-        c.set_model_version_tag(name, v, "sae.gate.basis", basis)
+    with promotion.promotion_lock(cfg, enc_name):
+        current = tracking.alias_version(c, enc_name, tracking.CHAMPION)
+        if current is not None and str(current.version) == version:
+            promotion.converge(c, enc_name, sc_name)  # a retry: the scaler's alias may lag
+            return {"promoted": True, "reason": "already champion", "champion_version": version}
+        challenger = storage.read_json(_uri(ctx, "evaluate", "metrics.json"))
+        champion_metrics, basis = None, "no champion to compare with"
+        promoted, reason = True, "no champion yet"
         if current is not None:
-            c.set_model_version_tag(name, v, "sae.gate.compared_to", str(current.version))
-    if promoted:
-        tracking.set_alias(cfg, enc_name, tracking.CHAMPION, version)
-        tracking.set_alias(cfg, sc_name, tracking.CHAMPION, registered["scaler_version"])
-    tracking.set_run_tags(
-        cfg, ctx["mlflow_run_id"], {"sae.gate.decision": decision, "sae.gate.reason": reason}
-    )
-    champion = version if promoted else (str(current.version) if current else None)
+            common = _common_evaluation(ctx, cfg, enc_name, str(current.version))
+            if isinstance(common, str):  # no common basis: a person decides, not old numbers
+                promoted, reason = False, common
+                basis = "none: no rows both models can fairly be measured on"
+            else:  # both models on the same rows, which neither trained on: a fair comparison
+                challenger, champion_metrics, basis = common
+                tracking.log_metrics(
+                    cfg,
+                    ctx["mlflow_run_id"],
+                    {f"gate_champion_{k}": v for k, v in champion_metrics.items()}
+                    | {f"gate_challenger_{k}": v for k, v in challenger.items()},
+                )
+                promoted, reason = gate_decision(challenger, champion_metrics, cfg)
+        decision = "promoted" if promoted else "rejected"
+        for name, v in ((enc_name, version), (sc_name, registered["scaler_version"])):
+            c.set_model_version_tag(name, v, "sae.gate.decision", decision)
+            c.set_model_version_tag(name, v, "sae.gate.reason", reason)
+            c.set_model_version_tag(name, v, "sae.gate.basis", basis)
+            if current is not None:
+                c.set_model_version_tag(name, v, "sae.gate.compared_to", str(current.version))
+        tracking.set_run_tags(
+            cfg, ctx["mlflow_run_id"], {"sae.gate.decision": decision, "sae.gate.reason": reason}
+        )
+        if promoted:
+            champion = promotion.set_champion(c, enc_name, version, sc_name)
+        else:  # leave the champion, but repair a pair another writer left split
+            champion = promotion.converge(c, enc_name, sc_name)
     log.info("gate: %s (%s); champion is version %s", decision, reason, champion)
     return {"promoted": promoted, "reason": reason, "champion_version": champion}
+
+
+def mark_failed(ctx: dict[str, Any], reason: str) -> None:
+    """End the DAG run's MLflow run as FAILED (a task failed for good); else it stays Running."""
+    from sae_pipeline.registry import tracking
+
+    tracking.mark_failed(config_of(ctx), ctx["mlflow_run_id"], reason)
+    log.info("MLflow run %s marked FAILED: %s", ctx["mlflow_run_id"], reason)
 
 
 def run_training(

@@ -69,3 +69,150 @@ def test_params_map_to_config_fields():
     assert cfg.training.pretrain.epochs == 3
     assert cfg.training.pretrain.batch_size == cfg.training.finetune.batch_size == 32
     assert cfg.training.seed == 0
+
+
+# ---- timeouts, failure callbacks, errors that retries cannot fix -----------------------------
+def test_every_task_has_an_execution_timeout_and_heavy_ones_a_longer_one():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    for dag in bag.dags.values():
+        for t in dag.tasks:
+            assert t.execution_timeout is not None, (dag.dag_id, t.task_id)
+    training = bag.dags["sae_training"]
+    assert training.get_task("finetune").execution_timeout > (
+        training.get_task("evaluate").execution_timeout
+    )
+
+
+def test_task_timeouts_are_configurable(tmp_path, monkeypatch):
+    import datetime
+
+    monkeypatch.setenv("SAE_TASK_TIMEOUT_MINUTES", "5")
+    monkeypatch.setenv("SAE_HEAVY_TASK_TIMEOUT_MINUTES", "90")
+    dag = _load_dag_module("sae_training").build_training_dag(None)
+    assert dag.get_task("register").execution_timeout == datetime.timedelta(minutes=5)
+    assert dag.get_task("finetune").execution_timeout == datetime.timedelta(minutes=90)
+
+
+def test_prepare_fails_at_once_on_a_config_error(tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = _load_dag_module("sae_training").build_training_dag(None)
+    prepare = dag.get_task("prepare").python_callable
+    with pytest.raises(AirflowFailException, match="not found"):
+        prepare(params={"config_path": str(tmp_path / "missing.yaml")}, run_id="manual__x")
+
+
+def test_a_task_that_fails_for_good_marks_the_mlflow_run_failed(store):
+    from mlflow import MlflowClient
+
+    from sae_pipeline.steps import training as steps
+
+    module = _load_dag_module("sae_training")
+    dag = module.build_training_dag(None)
+    assert all(t.on_failure_callback for t in dag.tasks)
+    ctx = steps.prepare("manual__fails", None, store)
+
+    class TaskInstance:
+        task_id = "finetune"
+
+        def xcom_pull(self, task_ids):
+            return ctx if task_ids == "prepare" else None
+
+    module.mark_mlflow_run_failed({"ti": TaskInstance(), "exception": RuntimeError("CUDA OOM")})
+    run = MlflowClient(store["registry.tracking_uri"]).get_run(ctx["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert "finetune failed: CUDA OOM" in run.data.tags["sae.failure"]
+
+
+def test_candidate_child_runs_are_ended(store):
+    from mlflow import MlflowClient
+
+    from sae_pipeline.registry import tracking
+    from sae_pipeline.steps import training as steps
+
+    ctx = steps.prepare("manual__candidates", None, store)
+    cfg = steps.config_of(ctx)
+    child = tracking.child_run(cfg, ctx["mlflow_run_id"], "candidate a", {"x": 1}, {"val_mse": 0.5})
+    run = MlflowClient(store["registry.tracking_uri"]).get_run(child)
+    assert run.info.status == "FINISHED" and run.data.metrics["val_mse"] == 0.5
+    # Found again (not created twice) on a retry.
+    assert tracking.child_run(cfg, ctx["mlflow_run_id"], "candidate a", {"x": 1}) == child
+
+
+def test_drift_monitor_reads_only_the_newest_asset_event(monkeypatch):
+    """inlet_events[asset] fetches every event ever emitted unless bounded."""
+    from types import SimpleNamespace
+
+    from sae_pipeline.steps import monitoring
+
+    module = _load_dag_module("sae_drift_monitor")
+
+    class Events:  # the shape of Airflow's InletEventsAccessor
+        def __init__(self):
+            self.query = {"ascending": True, "limit": None}
+
+        def ascending(self, ascending=True):
+            self.query["ascending"] = ascending
+            return self
+
+        def limit(self, limit):
+            self.query["limit"] = limit
+            return self
+
+        def __getitem__(self, i):
+            if self.query != {"ascending": False, "limit": 1}:
+                raise AssertionError(f"fetched all events: {self.query}")
+            return [SimpleNamespace(extra={"path": "/data/newest.parquet"})][i]
+
+        def __len__(self):
+            return 1
+
+    seen = {}
+
+    def context(run_id, params, events, latest):
+        seen["batch"] = latest[-1].extra["path"]
+        return {"ok": True}
+
+    monkeypatch.setattr(monitoring, "context", context)
+    prepare = module.drift_dag.get_task("prepare").python_callable
+    assert prepare(
+        params={}, run_id="scheduled__x", triggering_asset_events={},
+        inlet_events={module.NEW_BATCHES: Events()},
+    ) == {"ok": True}  # fmt: skip
+    assert seen["batch"] == "/data/newest.parquet"
+
+
+@pytest.mark.parametrize(
+    ("dag_file", "attr"), [("sae_training", None), ("sae_drift_monitor", "drift_dag")]
+)
+def test_a_run_with_a_foreign_tracking_uri_is_refused_before_any_mlflow_call(
+    monkeypatch, dag_file, attr
+):
+    """The workers hold MLflow credentials; MLflow sends them to whatever server a run names."""
+    import mlflow
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "sae-worker")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "worker-secret")
+    calls = []
+
+    def no_mlflow(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("an MLflow call before the check")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "__init__", no_mlflow)
+    monkeypatch.setattr(mlflow, "set_tracking_uri", no_mlflow)
+    module = _load_dag_module(dag_file)
+    dag = getattr(module, attr) if attr else module.build_training_dag(None)
+    prepare = dag.get_task("prepare").python_callable
+    kwargs = {}
+    if attr:  # the asset's events are not read: the batch param names the batch
+        kwargs = {"triggering_asset_events": {}, "inlet_events": {module.NEW_BATCHES: None}}
+    params = {"tracking_uri": "http://collector.example:5000", "batch": "/data/b.parquet"}
+    with pytest.raises(AirflowFailException, match="not this deployment's MLflow server"):
+        prepare(params=params, run_id="manual__evil", **kwargs)
+    assert calls == []
