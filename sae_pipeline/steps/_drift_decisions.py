@@ -2,11 +2,16 @@
 
 One JSON file per decision, written atomically after the check's summary::
 
-    <root>/monitoring/decisions/<model>/v<version>/<batch key>.json   {"run_key", "summary"}
+    <root>/monitoring/decisions/<model>/v<version>/<batch key>-p<policy hash>.json
+
+holding ``{"run_key", "summary"}``. The policy is part of the key: a check under another policy
+(other thresholds, another test) is another judgement, not a repeat.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -19,9 +24,11 @@ log = logging.getLogger(__name__)
 def decision_uri(ctx: dict[str, Any]) -> str:
     """Where the decision on (this batch, this model version) is kept, whichever run made it."""
     ref = ModelRef.from_dict(ctx["model"])
+    policy = json.dumps(ctx.get("policy") or {}, sort_keys=True, default=str)
+    tag = hashlib.sha256(policy.encode()).hexdigest()[:10]
     return storage.join(
         ctx["artifacts_root"], "monitoring", "decisions", ref.name, f"v{ref.version}",
-        f"{storage.run_key(ctx['batch']['key'])}.json",
+        f"{storage.run_key(ctx['batch']['key'])}-p{tag}.json",
     )  # fmt: skip
 
 

@@ -122,5 +122,5 @@ def test_training_from_a_postgresql_table(store):
     encoder = bundle.load_encoder(model_uri)
     assert encoder.contract.to_dict() == contract
     assert contract["feature_ranges"]["alcohol"][0] == pytest.approx(snap["alcohol"].min())
-    example = mlflow.models.get_model_info(model_uri).load_input_example()
+    example = mlflow.models.Model.load(model_uri).load_input_example(model_uri)
     assert list(example.columns) == contract["feature_columns"]

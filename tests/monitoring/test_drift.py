@@ -145,7 +145,7 @@ def test_common_evaluation_measures_both_models_in_the_challengers_space():
     # The same network behind another scaler: a different model, compared in our space.
     theirs = Encoder(contract, fit_scaler("minmax", x[:200] * 2), net)
     mine, other, basis = comparison.on_test_split(ours, theirs, data, probe_max_iter=200)
-    assert basis == "both measured on the challenger's test split (100 rows)"
+    assert basis == "both measured on 100 of the challenger's test rows"
     assert mine == comparison.measure(ours, data, ours.scaler, 200)
     assert mine["test_mse"] != pytest.approx(other["test_mse"])
     assert 0.0 <= other["probe_accuracy_sae"] <= 1.0
