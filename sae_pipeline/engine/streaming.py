@@ -49,34 +49,37 @@ class ShardStream:
         self.buffer_rows = max(buffer_rows, self.batch)
         self.chunk_rows, self.readahead = chunk_rows, readahead
 
-    def _buffers(self, epoch: int) -> Iterator[np.ndarray]:
-        """Shuffled, scaled float32 buffers whose lengths are multiples of the batch size."""
+    def _buffers(self, epoch: int) -> Iterator[torch.Tensor]:
+        """Shuffled, scaled float32 buffers whose lengths are multiples of the batch size.
+
+        Built with torch operations, which release the GIL (numpy's concatenate and fancy
+        indexing hold it): the training loop's Python keeps running while a buffer is built.
+        """
         rng = np.random.default_rng([self.seed, epoch])
         order_seed = int(rng.integers(2**63))
-        pending: list[np.ndarray] = []
+        gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        mult, add = torch.from_numpy(self.mult), torch.from_numpy(self.add)
+        pending: list[torch.Tensor] = []
         held = 0
         chunks = parts.iter_part(
             self.plan, self.columns, self.split, self.part, self.chunk_rows, order_seed
         )
         for x, _ in chunks:
-            x *= self.mult  # (chunk, features), scaled in place
-            x += self.add
-            pending.append(x)
+            pending.append(torch.from_numpy(x).mul_(mult).add_(add))  # (chunk, features)
             held += len(x)
             if held >= self.buffer_rows:
-                buf = np.concatenate(pending)
-                buf = buf[rng.permutation(len(buf))]
+                buf = torch.cat(pending)
+                buf = buf.index_select(0, torch.randperm(len(buf), generator=gen))
                 cut = len(buf) // self.batch * self.batch
                 pending, held = [buf[cut:]], len(buf) - cut
                 yield buf[:cut]
         if held >= self.batch:
-            buf = np.concatenate(pending)
-            buf = buf[rng.permutation(len(buf))]
+            buf = torch.cat(pending)
+            buf = buf.index_select(0, torch.randperm(len(buf), generator=gen))
             yield buf[: len(buf) // self.batch * self.batch]
 
     def _tensors(self, epoch: int) -> Iterator[torch.Tensor]:
-        for buf in self._buffers(epoch):
-            t = torch.from_numpy(buf)
+        for t in self._buffers(epoch):
             if self.device.type == "cuda":
                 t = t.pin_memory()  # in the read-ahead thread: the copy below can overlap
             yield t

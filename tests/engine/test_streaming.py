@@ -75,7 +75,10 @@ def test_streamed_and_in_memory_training_give_the_same_loss_curve(data):
         assert hist.samples_seen == 6 * 4096
     memory, streamed = curves
     assert memory[-1] < 0.7 * memory[0]  # it learns
-    np.testing.assert_allclose(streamed, memory, rtol=0.1)
+    # Within 10%, or 5% of the starting loss where the curve leaves a plateau (when exactly
+    # depends on the batch order).
+    np.testing.assert_allclose(streamed, memory, rtol=0.1, atol=0.05 * memory[0])
+    assert streamed[-1] == pytest.approx(memory[-1], rel=0.15)
 
 
 def test_the_step_budget_caps_a_streamed_phase(data):
