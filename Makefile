@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-quality bench-encoding clean
+.PHONY: demo test lint format bench bench-quality bench-encoding bench-scale clean
 
 $(STAMP): pyproject.toml requirements.lock install.sh
 	VENV=$(VENV) ./install.sh
@@ -33,6 +33,10 @@ bench-quality: $(STAMP)
 
 bench-encoding: $(STAMP)
 	$(PY) bench/bench_encoding.py
+
+# Training steps at 1M/4M/16M rows, each in its own process (long: about an hour on 2 cores).
+bench-scale: $(STAMP)
+	$(PY) bench/bench_scale.py $(if $(ROWS),--rows $(ROWS),)
 
 clean:
 	rm -rf artifacts .airflow
