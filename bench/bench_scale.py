@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -68,19 +67,23 @@ def run_step(step: str, ctx_file: Path) -> None:
         steps.pretrain_layer(ctx, int(step.split("_")[1]))
     else:
         getattr(steps, step)(ctx)
+    # This process's own high-water mark: ru_maxrss from wait4 would also count the parent's
+    # RSS, which Linux carries over fork and exec.
+    status = Path("/proc/self/status").read_text()
+    hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    print(f"VmHWM {int(hwm.split()[1])}")
 
 
 def measure(step: str, ctx_file: Path) -> tuple[float, float]:
     """(seconds, peak RSS in GiB) of one step in a fresh process."""
     t0 = time.perf_counter()
     cmd = [sys.executable, __file__, "--step", step, "--ctx", str(ctx_file)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     secs = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace")
-    if status != 0:
-        raise SystemExit(f"step {step} failed:\n{err[-3000:]}")
-    return secs, usage.ru_maxrss / 2**20  # KiB on Linux
+    if proc.returncode != 0:
+        raise SystemExit(f"step {step} failed:\n{proc.stderr[-3000:]}")
+    kib = int(proc.stdout.rsplit("VmHWM ", 1)[1].split()[0])
+    return secs, kib / 2**20
 
 
 def samples_per_second(ctx: dict) -> dict[str, float]:
