@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-quality bench-encoding bench-service clean
+.PHONY: demo test lint format bench bench-quality bench-encoding bench-service bench-scale clean
 
 $(STAMP): pyproject.toml requirements.lock install.sh
 	VENV=$(VENV) ./install.sh
@@ -37,6 +37,10 @@ bench-encoding: $(STAMP)
 # The encoder service vs the same model in-process (starts a server on the champion).
 bench-service: $(STAMP)
 	$(PY) bench/bench_service.py
+
+# Training steps at 1M/4M/16M rows, each in its own process (long: about an hour on 2 cores).
+bench-scale: $(STAMP)
+	$(PY) bench/bench_scale.py $(if $(ROWS),--rows $(ROWS),)
 
 clean:
 	rm -rf artifacts .airflow

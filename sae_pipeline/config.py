@@ -185,6 +185,14 @@ class PhaseConfig(_Section):
         description="Early stopping after this many epochs without a better validation loss; "
         "0 turns it off. The best epoch's weights are kept either way.",
     )
+    max_steps: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="Stop the phase after this many optimisation steps (all epochs)."
+    )
+    max_samples: Annotated[int, Field(gt=0)] | None = Field(
+        None,
+        description="Stop the phase after this many training rows seen. Unset (with max_steps "
+        "unset): no cap in memory; streamed data gets AUTO_MAX_SAMPLES (docs/engine-scaling.md).",
+    )
 
 
 class TrainingConfig(_Section):
@@ -195,12 +203,31 @@ class TrainingConfig(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="Mixed precision on CUDA; ignored on CPU.")
+    in_memory_max_bytes: Annotated[int, Field(ge=0)] = Field(
+        128 * 2**20,
+        description="Train in memory when rows x features x 4 bytes is at most this; stream "
+        "from the snapshot's shards otherwise. The in-memory path peaks near 12x this size.",
+    )
+    shuffle_buffer_rows: Annotated[int, Field(gt=0)] = Field(
+        262_144, description="Streaming: rows shuffled together (several row groups)."
+    )
+    val_sample_rows: Annotated[int, Field(gt=0)] = Field(
+        65_536, description="Streaming: the fixed, seeded validation sample early stopping uses."
+    )
+    checkpoint_every_steps: Annotated[int, Field(gt=0)] = Field(
+        2000, description="Streaming: a mid-epoch checkpoint every this many steps."
+    )
 
 
 class EvaluationConfig(_Section):
     """Downstream probes: logistic regression on codes, raw features and PCA."""
 
     probe_max_iter: PositiveInt = 5000
+    sample_rows: PositiveInt = Field(
+        50_000,
+        description="Streamed data: evaluation, probes and the gate use a fixed, seeded sample "
+        "of this many rows of each part they need (train, test).",
+    )
 
 
 class GateConfig(_Section):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from sae_pipeline.config import ModelConfig, PhaseConfig
 from sae_pipeline.engine._fastpath import FusedAdamStep, Layer, ManualChain
+from sae_pipeline.engine._progress import _Progress
 from sae_pipeline.engine.net import StackedAutoencoderNet
 
 log = logging.getLogger(__name__)
@@ -132,32 +132,6 @@ def mean_loss(forward: ForwardFn, x: torch.Tensor, batch: int = 4096) -> float:
     return total / max(1, x.numel())
 
 
-class _Progress:
-    """A tqdm bar in a terminal; plain log lines (every ~10% of epochs) inside Airflow."""
-
-    def __init__(self, total: int, desc: str):
-        self.desc, self.total = desc, total
-        self.bar = None
-        if sys.stderr.isatty() and not os.environ.get("AIRFLOW_CTX_DAG_ID"):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, leave=False)
-        self.every = max(1, total // 10)
-
-    def update(self, epoch: int, train: float, val: float) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(train=f"{train:.5f}", val=f"{val:.5f}")
-        elif (epoch + 1) % self.every == 0 or epoch + 1 == self.total:
-            log.info(
-                "%s epoch %d/%d train %.6f val %.6f", self.desc, epoch + 1, self.total, train, val
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -165,11 +139,27 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 # ---- the generic loop ------------------------------------------------------------------------
+AUTO_MAX_SAMPLES = 20_000_000  # a streamed phase's budget when the config sets none
+
+
+def step_budget(phase: PhaseConfig, rows: int, batch: int, streamed: bool) -> int:
+    """Optimisation steps a phase may take: ``epochs`` over ``rows``, capped by ``max_steps``
+    and ``max_samples``; streamed data with neither set is capped at ``AUTO_MAX_SAMPLES``."""
+    caps = [phase.epochs * (rows // max(1, batch))]
+    if phase.max_steps is not None:
+        caps.append(phase.max_steps)
+    if phase.max_samples is not None:
+        caps.append(math.ceil(phase.max_samples / batch))
+    if streamed and phase.max_steps is None and phase.max_samples is None:
+        caps.append(math.ceil(AUTO_MAX_SAMPLES / batch))
+    return min(caps)
+
+
 def train_phase(
     net: StackedAutoencoderNet,
     forward: ForwardFn,
     params: list[torch.nn.Parameter],
-    x_train: torch.Tensor,
+    x_train: torch.Tensor | None,
     x_val: torch.Tensor | None,
     phase: PhaseConfig,
     model: ModelConfig,
@@ -179,25 +169,35 @@ def train_phase(
     amp: bool = True,
     checkpoint: Path | None = None,
     checkpoint_every: int = 5,
+    checkpoint_every_steps: int | None = None,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
     chain: tuple[list[Layer], int] | None = None,
     fast: bool = True,
+    stream: Any = None,
+    prep: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> History:
-    """Train ``params`` to reconstruct ``x_train`` through ``forward``; return the history.
+    """Train ``params`` to reconstruct the training rows through ``forward``; return the history.
 
-    ``forward(x)`` gives ``(reconstruction, code)``. With ``checkpoint`` set, state is saved
-    every ``checkpoint_every`` epochs and a run finding the file resumes from it. ``chain``
-    (the dense layers ``forward`` applies, and the index of the code layer) enables the
-    autograd-free fast path where the configuration allows it; ``fast=False`` turns it off.
+    ``forward(x)`` gives ``(reconstruction, code)``. The rows are ``x_train`` (in memory,
+    reshuffled each epoch) or ``stream`` (``engine.streaming.ShardStream``: shuffled batches
+    read from a snapshot's shards), each batch passed through ``prep`` first (layer inputs).
+    With ``checkpoint`` set, state is saved every ``checkpoint_every`` epochs and every
+    ``checkpoint_every_steps`` steps (mid-epoch), and a run finding the file resumes from it.
+    ``chain`` (the dense layers ``forward`` applies, and the index of the code layer) enables
+    the autograd-free fast path where the configuration allows it; ``fast=False`` turns it off.
     """
-    device = x_train.device
+    device = x_train.device if stream is None else next(net.parameters()).device
     torch.manual_seed(seed)  # dropout draws from the global generator
     gen = torch.Generator(device=device).manual_seed(seed)
     opt = make_optimizer(params, phase)
     hist = History()
     best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs, start_epoch = 0, 0
-    n, bs = len(x_train), min(phase.batch_size, len(x_train))
+    bad_epochs, start_epoch, start_step, total_steps = 0, 0, 0, 0
+    running0, gen_epoch = 0.0, None
+    n = len(x_train) if stream is None else stream.rows
+    bs = min(phase.batch_size, n)
+    budget = step_budget(phase, n, bs, stream is not None)
     x_check = x_val if x_val is not None and len(x_val) else x_train
     use_amp = amp and device.type == "cuda"
 
@@ -207,11 +207,28 @@ def train_phase(
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"].cpu() if device.type == "cpu" else state["gen"])
+        gen.set_state(_on(state["gen"], device))
         torch.set_rng_state(state["torch_rng"])
         hist = History(**state["history"])
         best_state, bad_epochs, start_epoch = state["best"], state["bad_epochs"], state["epoch"]
-        log.info("%s resumed from %s at epoch %d", desc, checkpoint, start_epoch)
+        start_step, total_steps = state.get("step", 0), state.get("total_steps", 0)
+        running0, gen_epoch = state.get("running", 0.0), state.get("gen_epoch")
+        log.info(
+            "%s resumed from %s at epoch %d step %d", desc, checkpoint, start_epoch, start_step
+        )
+
+    def save(epoch_next: int, step: int, running: float, gen_start) -> None:
+        hist.seconds = time.perf_counter() - t0
+        _atomic_torch_save(
+            {
+                "epoch": epoch_next, "step": step, "total_steps": total_steps,
+                "running": running, "gen_epoch": gen_start,
+                "net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "history": hist.to_dict(),
+                "best": best_state, "bad_epochs": bad_epochs,
+            },
+            checkpoint,
+        )  # fmt: skip
 
     manual, opt_step = None, opt.step
     if fast and chain is not None and ManualChain.supported(model, use_amp):
@@ -221,14 +238,31 @@ def train_phase(
     progress = _Progress(phase.epochs, desc)
     t0 = time.perf_counter() - hist.seconds
     for epoch in range(start_epoch, phase.epochs):
+        if total_steps >= budget:
+            log.info("%s: step budget of %d steps reached", desc, budget)
+            break
         net.train()
         for group in opt.param_groups:
             group["lr"] = learning_rate(phase, epoch)
-        perm = torch.randperm(n, generator=gen, device=device)
-        running, steps = torch.zeros((), device=device), 0
+        skip, start_step = start_step, 0
+        if stream is None:
+            if skip:  # mid-epoch resume: the epoch's permutation, then the generator as saved
+                now = gen.get_state()
+                gen.set_state(_on(gen_epoch, device))
+            gen_start = gen.get_state()
+            perm = torch.randperm(n, generator=gen, device=device)
+            if skip:
+                gen.set_state(now)
+            batches = (x_train[perm[i : i + bs]] for i in range(skip * bs, n - bs + 1, bs))
+        else:
+            gen_start = None
+            batches = stream.epoch(epoch, skip)
+        running, steps = torch.zeros((), device=device) + running0, skip
+        running0 = 0.0
         t_steps = time.perf_counter()
-        for i in range(0, n - bs + 1, bs):  # drop the ragged last batch: steady step cost
-            xb = x_train[perm[i : i + bs]]
+        for xb in batches:  # the ragged last batch is dropped: steady step cost
+            if prep is not None:
+                xb = prep(xb)
             if manual is not None:
                 loss = manual.step(corrupt(xb, model, gen), xb)
             else:
@@ -241,6 +275,16 @@ def train_phase(
             opt_step()
             running += loss.detach()
             steps += 1
+            total_steps += 1
+            if on_step is not None:
+                on_step(total_steps)
+            if total_steps >= budget:
+                break
+            every = checkpoint_every_steps
+            if checkpoint is not None and every and total_steps % every == 0:
+                save(epoch, steps, running.item(), gen_start)
+        if stream is not None:
+            batches.close()  # stops the read-ahead thread when the budget ends the epoch early
         if device.type == "cuda":
             torch.cuda.synchronize()
         hist.step_seconds += time.perf_counter() - t_steps
@@ -258,24 +302,13 @@ def train_phase(
         progress.update(epoch, train_loss, val_loss)
         if on_epoch is not None:
             on_epoch(epoch, train_loss, val_loss)
-        stop = phase.patience > 0 and bad_epochs >= phase.patience
+        stop = (phase.patience > 0 and bad_epochs >= phase.patience) or (
+            total_steps >= budget and epoch + 1 < phase.epochs
+        )
         if checkpoint is not None and ((epoch + 1) % checkpoint_every == 0 or stop):
-            hist.seconds = time.perf_counter() - t0
-            _atomic_torch_save(
-                {
-                    "epoch": epoch + 1 if not stop else phase.epochs,
-                    "net": net.state_dict(),
-                    "opt": opt.state_dict(),
-                    "gen": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": hist.to_dict(),
-                    "best": best_state,
-                    "bad_epochs": bad_epochs,
-                },
-                checkpoint,
-            )
+            save(epoch + 1 if not stop else phase.epochs, 0, 0.0, None)
         if stop:
-            log.info("%s early stop at epoch %d (best %d)", desc, epoch + 1, hist.best_epoch + 1)
+            log.info("%s stopped at epoch %d (best %d)", desc, epoch + 1, hist.best_epoch + 1)
             break
     progress.close()
     if best_state is not None:
@@ -283,6 +316,10 @@ def train_phase(
     net.eval()
     hist.seconds = time.perf_counter() - t0
     return hist
+
+
+def _on(gen_state: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return gen_state.cpu() if device.type == "cpu" else gen_state
 
 
 # ---- the two phases ---------------------------------------------------------------------------
@@ -321,8 +358,18 @@ def pretrain_layer(
     **kwargs: Any,
 ) -> History:
     """Greedy step: train layer k as an autoencoder on the codes of frozen layers 0..k-1."""
-    h_train = layer_inputs(net, k, x_train)
+    h_train = layer_inputs(net, k, x_train) if x_train is not None else None
     h_val = layer_inputs(net, k, x_val) if x_val is not None else None
+    if x_train is None and k > 0:  # streamed: each batch through the frozen layers below
+
+        @torch.no_grad()
+        def prep(xb: torch.Tensor) -> torch.Tensor:
+            net.eval()
+            h = net.encode(xb, upto=k)  # (batch, hidden_dims[k-1])
+            net.train()
+            return h
+
+        kwargs["prep"] = prep
     params = net.layer_parameters(k)
     trainable = {id(p) for p in params}
     for p in net.parameters():

@@ -103,29 +103,65 @@ def _track_snapshot(ctx: dict[str, Any], cfg: PipelineConfig, result: dict[str, 
 
 
 def split(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Deterministic train/validation/test split of the accepted rows."""
+    """Deterministic train/validation/test split of the accepted rows.
+
+    Small data (``training.in_memory_max_bytes``): stored row indices, stratified by label.
+    Larger data: a hash of each row's position decides its part (``data.parts.HashSplit``),
+    with no per-row array and no stratification. The decision goes to the log and to
+    ``split/plan.json``, which every later step follows.
+    """
     from sae_pipeline.data.contract import split_indices
+    from sae_pipeline.data.parts import HashSplit
+    from sae_pipeline.data.snapshot import read_manifest
+    from sae_pipeline.steps import _training_stream as ts
 
     cfg = config_of(ctx)
-    out = _uri(ctx, "split", "indices.npz")
-    if not storage.exists(out):
-        from sae_pipeline.data.snapshot import read_manifest, read_snapshot
+    plan_uri = _uri(ctx, "split", "plan.json")
+    if storage.exists(plan_uri):
+        return {"indices": _uri(ctx, "split", "indices.npz"), **_split_summary(ts.plan(ctx))}
+    manifest = read_manifest(_uri(ctx, "validate"))
+    rows, features = manifest["rows_accepted"], len(manifest["contract"]["feature_columns"])
+    mode = ts.decide(cfg, rows, features)
+    log.info(
+        "split: %d rows x %d features = %.1f MiB as float32 %s training.in_memory_max_bytes "
+        "(%.1f MiB): training %s",
+        rows,
+        features,
+        rows * features * 4 / 2**20,
+        "<=" if mode == ts.MEMORY else ">",
+        cfg.training.in_memory_max_bytes / 2**20,
+        "in memory" if mode == ts.MEMORY else "streamed from the snapshot's shards",
+    )
+    if mode == ts.MEMORY:
+        from sae_pipeline.data.snapshot import read_snapshot
 
-        manifest = read_manifest(_uri(ctx, "validate"))
         frame = read_snapshot(_uri(ctx, "validate"), verify=True)
         label = manifest["contract"]["label_column"]
         labels = frame[label].to_numpy() if label else None
-        storage.write_arrays(out, **split_indices(len(frame), labels, cfg.split))
-    idx = storage.read_arrays(out)
-    return {"indices": out, **{f"rows_{k}": len(v) for k, v in idx.items()}}
+        idx = split_indices(len(frame), labels, cfg.split)
+        storage.write_arrays(_uri(ctx, "split", "indices.npz"), **idx)
+        info = {"mode": mode, "rows": {k: len(v) for k, v in idx.items()}}
+    else:
+        s = HashSplit(cfg.split.seed, cfg.split.val_fraction, cfg.split.test_fraction)
+        info = {"mode": mode, "split": s.to_dict(), "rows": s.counts(rows)}
+    storage.write_json(plan_uri, info)
+    return {"indices": _uri(ctx, "split", "indices.npz"), **_split_summary(info)}
+
+
+def _split_summary(info: dict[str, Any]) -> dict[str, Any]:
+    return {"mode": info["mode"], **{f"rows_{k}": v for k, v in info["rows"].items()}}
 
 
 def _dataset(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Features and labels of each part, unscaled, from the snapshot and the split."""
+    """Features and labels of each part, unscaled, from the snapshot and the split (streamed
+    runs: fixed-size seeded samples of each part, ``_training_stream.dataset``)."""
     import numpy as np
 
     from sae_pipeline.data.snapshot import read_manifest, read_snapshot
+    from sae_pipeline.steps import _training_stream as ts
 
+    if ts.streamed(ctx):
+        return ts.dataset(ctx, config_of(ctx))
     manifest = read_manifest(_uri(ctx, "validate"))
     contract = manifest["contract"]
     frame = read_snapshot(_uri(ctx, "validate"))
@@ -139,15 +175,46 @@ def _dataset(ctx: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _scaled(ctx: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The scaled parts: stored in memory mode, the scaled samples of ``data`` when streamed."""
+    from sae_pipeline.data.scaling import apply_scaler, from_state
+    from sae_pipeline.steps import _training_stream as ts
+
+    if not ts.streamed(ctx):
+        return storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
+    scaler = from_state(storage.read_json(_uri(ctx, "scaler", "scaler.json")))
+    return {p: apply_scaler(scaler, data[f"x_{p}"]) for p in ("train", "val", "test")}
+
+
 def fit_scaler(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Fit the scaler on the training part only and store it with the scaled parts."""
-    from sae_pipeline.data.scaling import apply_scaler, to_state
+    """Fit the scaler on the training part only; in memory, store the scaled parts with it.
+
+    Streamed: ``partial_fit`` over the training part's chunks (robust: on a fixed-size seeded
+    sample), and no scaled copy: training scales each batch on the fly.
+    """
+    from sae_pipeline.data.scaling import (
+        ROBUST_SAMPLE_ROWS,
+        apply_scaler,
+        fit_scaler_stream,
+        to_state,
+    )
     from sae_pipeline.data.scaling import fit_scaler as fit
+    from sae_pipeline.steps import _training_stream as ts
 
     cfg = config_of(ctx)
     # The fitted state as JSON (no pickle): data.scaling.from_state rebuilds the scaler.
     scaler_uri, scaled_uri = _uri(ctx, "scaler", "scaler.json"), _uri(ctx, "scaler", "scaled.npz")
-    if not (storage.exists(scaled_uri) and storage.exists(scaler_uri)):
+    mode = ts.plan(ctx)["mode"]
+    if mode == ts.STREAM:
+        if not storage.exists(scaler_uri):
+            scaler = fit_scaler_stream(
+                cfg.scaler.kind,
+                ts.part_chunks(ctx, "train"),
+                lambda: ts.sample(ctx, "train", ROBUST_SAMPLE_ROWS, cfg.split.seed, False)[0],
+            )
+            storage.write_json(scaler_uri, to_state(scaler))
+        return {"scaler": scaler_uri, "scaled": None, "kind": cfg.scaler.kind, "mode": mode}
+    if not storage.exists(scaled_uri):
         data = _dataset(ctx)
         scaler = fit(cfg.scaler.kind, data["x_train"])
         storage.write_json(scaler_uri, to_state(scaler))
@@ -155,4 +222,4 @@ def fit_scaler(ctx: dict[str, Any]) -> dict[str, Any]:
             scaled_uri,
             **{p: apply_scaler(scaler, data[f"x_{p}"]) for p in ("train", "val", "test")},
         )
-    return {"scaler": scaler_uri, "scaled": scaled_uri, "kind": cfg.scaler.kind}
+    return {"scaler": scaler_uri, "scaled": scaled_uri, "kind": cfg.scaler.kind, "mode": mode}

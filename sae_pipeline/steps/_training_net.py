@@ -9,7 +9,7 @@ from typing import Any
 from sae_pipeline import storage
 from sae_pipeline.config import PipelineConfig, build_config
 from sae_pipeline.steps._run import _uri, config_of
-from sae_pipeline.steps._training_data import _dataset
+from sae_pipeline.steps._training_data import _dataset, _scaled
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ def try_candidate(ctx: dict[str, Any], candidate: dict[str, Any]) -> dict[str, A
         return storage.read_json(out)
     base = config_of(ctx)
     cfg = build_config(base.model_dump(mode="json"), candidate)
-    scaled = storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
     data = _dataset(ctx)
+    scaled = _scaled(ctx, data)
     scores = score_candidate(
         estimator_params(cfg),
         scaled["train"],
@@ -136,6 +136,34 @@ def _record_phase(ctx, cfg, prefix: str, history_uri: str, hist, device) -> dict
     }
 
 
+def _input_dim(ctx: dict[str, Any]) -> int:
+    return len(
+        storage.read_json(_uri(ctx, "validate", "manifest.json"))["contract"]["feature_columns"]
+    )
+
+
+def _training_rows(ctx, cfg: PipelineConfig, phase, seed: int, device):
+    """(training rows, validation rows, extra trainer arguments) of a phase: the scaled parts
+    as tensors in memory, or a ``ShardStream`` and a validation sample when streamed."""
+    from sae_pipeline.engine import trainer
+    from sae_pipeline.steps import _training_stream as ts
+
+    if ts.streamed(ctx):
+        stream, x_val = ts.train_stream(ctx, cfg, phase.batch_size, seed, device)
+        log.info(
+            "training streamed: %d rows, batch %d, budget %d steps",
+            stream.rows,
+            stream.batch,
+            trainer.step_budget(phase, stream.rows, stream.batch, True),
+        )
+        every = cfg.training.checkpoint_every_steps
+        return None, x_val, {"stream": stream, "checkpoint_every_steps": every}
+    scaled = storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
+    log.info("training in memory: %d rows", len(scaled["train"]))
+    x_train, x_val = (trainer.as_tensor(scaled[p], device) for p in ("train", "val"))
+    return x_train, x_val, {}
+
+
 def pretrain_layer(ctx: dict[str, Any], layer: int) -> dict[str, Any]:
     """Greedy step for ``layer`` (1-based): train it on the codes of frozen layers below."""
     from sae_pipeline.engine import trainer
@@ -145,19 +173,21 @@ def pretrain_layer(ctx: dict[str, Any], layer: int) -> dict[str, Any]:
     if storage.exists(out):
         return storage.read_torch(out)["summary"]
     device = trainer.resolve_device(cfg.training.device)
-    scaled = storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
-    net = _stack(ctx, cfg, scaled["train"].shape[1], layer - 1).to(device)
+    seed = cfg.training.seed + layer
+    x_train, x_val, extra = _training_rows(ctx, cfg, cfg.training.pretrain, seed, device)
+    net = _stack(ctx, cfg, _input_dim(ctx), layer - 1).to(device)
     checkpoint = _epoch_checkpoint(ctx, cfg, "pretrain", f"layer_{layer}.ckpt")
     hist = trainer.pretrain_layer(
         net,
         layer - 1,
-        trainer.as_tensor(scaled["train"], device),
-        trainer.as_tensor(scaled["val"], device),
+        x_train,
+        x_val,
         cfg.training.pretrain,
         cfg.model,
-        seed=cfg.training.seed + layer,
+        seed=seed,
         amp=cfg.training.amp,
         checkpoint=checkpoint,
+        **extra,
     )
     history_uri = _uri(ctx, "pretrain", f"layer_{layer}_history.json")
     summary = {
@@ -185,8 +215,9 @@ def finetune(ctx: dict[str, Any]) -> dict[str, Any]:
     if storage.exists(summary_uri):
         return storage.read_json(summary_uri)
     device = trainer.resolve_device(cfg.training.device)
-    scaled = storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
-    net = _stack(ctx, cfg, scaled["train"].shape[1], cfg.n_layers)
+    seed = cfg.training.seed + 1000
+    x_train, x_val, extra = _training_rows(ctx, cfg, cfg.training.finetune, seed, device)
+    net = _stack(ctx, cfg, _input_dim(ctx), cfg.n_layers)
     pretrained = _uri(ctx, "finetune", "pretrained.pt")
     if not storage.exists(pretrained):
         storage.write_torch(pretrained, net_blob(net))
@@ -194,13 +225,14 @@ def finetune(ctx: dict[str, Any]) -> dict[str, Any]:
     checkpoint = _epoch_checkpoint(ctx, cfg, "finetune", "finetune.ckpt")
     hist = trainer.finetune(
         net,
-        trainer.as_tensor(scaled["train"], device),
-        trainer.as_tensor(scaled["val"], device),
+        x_train,
+        x_val,
         cfg.training.finetune,
         cfg.model,
-        seed=cfg.training.seed + 1000,
+        seed=seed,
         amp=cfg.training.amp,
         checkpoint=checkpoint,
+        **extra,
     )
     summary = {
         "model": out,

@@ -16,7 +16,14 @@ from sae_pipeline import storage
 from sae_pipeline.config import PipelineConfig
 from sae_pipeline.registry.gate import gate_decision
 from sae_pipeline.steps._run import _uri, code_version, config_of, prepare
-from sae_pipeline.steps._training_data import _dataset, fit_scaler, ingest, split, validate
+from sae_pipeline.steps._training_data import (
+    _dataset,
+    _scaled,
+    fit_scaler,
+    ingest,
+    split,
+    validate,
+)
 from sae_pipeline.steps._training_net import (
     architecture,
     finetune,
@@ -65,8 +72,8 @@ def evaluate(ctx: dict[str, Any]) -> dict[str, Any]:
     out = _uri(ctx, "evaluate", "metrics.json")
     if storage.exists(out):
         return storage.read_json(out)
-    scaled = storage.read_arrays(_uri(ctx, "scaler", "scaled.npz"))
     data = _dataset(ctx)
+    scaled = _scaled(ctx, data)
     net, pretrained = load_trained(ctx, "model"), load_trained(ctx, "pretrained")
     x_train, x_test = scaled["train"], scaled["test"]
     metrics = evaluate_features(
