@@ -29,6 +29,26 @@ def pytest_configure(config):
     os.environ.pop("SAE_CONFIG", None)
 
 
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uris():
+    """Each test starts and ends with MLflow's process-wide URIs unset.
+
+    Steps call ``mlflow.set_tracking_uri`` / ``set_registry_uri`` in-process (as a task does),
+    and MLflow keeps both in module globals and exports them as environment variables; left
+    behind, a later test that names its server through ``MLFLOW_TRACKING_URI`` would still
+    read the registry of an earlier test's SQLite store.
+    """
+    yield
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(var, None)
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        registry_utils._registry_uri = None
+        tracking_utils._tracking_uri = None
+
+
 @pytest.fixture(scope="session")
 def airflow_db():
     """A migrated SQLite metadata database for dag.test()."""
