@@ -64,21 +64,26 @@ class RowProblem:
             return f"{self.where}: repeated value {show(value)} (first at row {first})"
         return f"{self.where}: {KINDS[self.kind][1]} {show(value)}{self.note}"
 
-    def summary(self) -> str:
-        """One line: where, how many, and the first example."""
+    def summary(self, total: int | None = None) -> str:
+        """One line: where, how many (``total``: over every chunk), and the first example."""
         first = int(np.flatnonzero(self.mask)[0])
         example = "" if self.kind == "missing" else f" {show(self.values.iloc[first])}"
+        count = self.count if total is None else total
         return (
-            f"{self.where} has {self.count} {KINDS[self.kind][1]}(s){self.note}, "
+            f"{self.where} has {count} {KINDS[self.kind][1]}(s){self.note}, "
             f"e.g.{example} at row {first + self.offset}"
         )
 
 
 # ---- row checks -------------------------------------------------------------------------------
 def feature_problems(
-    values: pd.Series, col: str, limits: list[float] | None, tolerance: float
+    values: pd.Series, col: str, limits: list[float] | None, tolerance: float, whole: bool = True
 ) -> tuple[np.ndarray, list[RowProblem]]:
-    """The column as float64 (NaN where no number), and its row problems."""
+    """The column as float64 (NaN where no number), and its row problems.
+
+    ``whole``: these are all the column's values, so a column without a single number fails
+    here; a chunk of a streamed batch leaves that check to the end of the stream.
+    """
     dtype = values.dtype
     if pd.api.types.is_bool_dtype(dtype) or (
         pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
@@ -90,14 +95,9 @@ def feature_problems(
     else:
         raise DataError(f"column {col!r} has type {dtype}, not a number")
     missing = np.isnan(num) & ~non_numeric
-    if (missing | non_numeric).all():
-        if non_numeric.any():
-            example = values.iloc[int(np.flatnonzero(non_numeric)[0])]
-            raise DataError(
-                f"column {col!r} is not numeric: none of its {len(values)} value(s) is a "
-                f"number, e.g. {show(example)}"
-            )
-        raise DataError(f"column {col!r} has no values: all {len(values)} row(s) are empty")
+    if whole and (missing | non_numeric).all():
+        example = values.iloc[int(np.flatnonzero(non_numeric)[0])] if non_numeric.any() else None
+        raise no_number_error(col, len(values), non_numeric.any(), example)
     problems = [
         RowProblem("non_numeric", col, "column", non_numeric, values),
         RowProblem("missing", col, "column", missing, values),
@@ -120,6 +120,16 @@ def feature_problems(
             )
         )
     return num, problems
+
+
+def no_number_error(col: str, n: int, non_numeric: bool, example: Any) -> DataError:
+    """A feature column in which none of the ``n`` values is a number."""
+    if non_numeric:
+        return DataError(
+            f"column {col!r} is not numeric: none of its {n} value(s) is a number, "
+            f"e.g. {show(example)}"
+        )
+    return DataError(f"column {col!r} has no values: all {n} row(s) are empty")
 
 
 def parse_numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
