@@ -49,3 +49,23 @@ def kth_neighbour_distance(
         np.maximum(d2, 0.0, out=d2)
         out[i : i + chunk] = np.sqrt(np.partition(d2, k - 1, axis=1)[:, k - 1])
     return out
+
+
+def state_outlyingness(meta: dict, arrays: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Outlyingness of raw rows ``x`` (higher = stranger) from ``SAEAnomalyDetector.to_state``.
+
+    The registered encoder's runtime (``registry/_model_code/sae_model_runtime.py``) carries a
+    copy of this function; a test checks that both give the detector's scores.
+    """
+    xs = (np.asarray(x, dtype=np.float64) - arrays["center"]) / arrays["scale"]  # (n, d)
+    norms, w = arrays["norms"], float(meta["knn_weight"])  # norms: (members, 2, 2)
+    total = np.zeros(len(xs))
+    for i in range(int(meta["n_members"])):
+        weights = [arrays[f"m{i}.w{j}"] for j in range(8)]
+        codes, recon = member_forward(weights, xs)
+        err = np.log1p(np.mean((recon - xs) ** 2 / arrays[f"m{i}.feature_error"], axis=1))
+        ref = arrays[f"m{i}.codes"]
+        knn = np.log1p(kth_neighbour_distance(codes, ref, min(int(meta["n_neighbors"]), len(ref))))
+        total += (1.0 - w) * (err - norms[i, 0, 0]) / norms[i, 0, 1]
+        total += w * (knn - norms[i, 1, 0]) / norms[i, 1, 1]
+    return (total / int(meta["n_members"]) - meta["score_center"]) / meta["score_scale"]

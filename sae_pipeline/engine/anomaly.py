@@ -120,7 +120,14 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
             torch.set_num_threads(threads)
         parts = [self._member_components(member, xs) for member in self.members_]
         self.norms_ = np.array([[_median_spread(v) for v in pair] for pair in parts])
-        raw = self._combined(xs, parts)
+        w = self.knn_weight
+        raw = np.mean(
+            [
+                (1.0 - w) * (err - norm[0, 0]) / norm[0, 1] + w * (knn - norm[1, 0]) / norm[1, 1]
+                for (err, knn), norm in zip(parts, self.norms_, strict=True)
+            ],
+            axis=0,
+        )  # (n,) outlyingness averaged over the members
         self.score_center_, self.score_scale_ = _median_spread(raw)
         train_scores = -(raw - self.score_center_) / self.score_scale_
         if self.contamination == "auto":
@@ -168,25 +175,12 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
         knn = ops.kth_neighbour_distance(codes, member["codes"], k)  # (n,)
         return np.log1p(err), np.log1p(knn)
 
-    def _combined(self, xs: np.ndarray, parts: list | None = None) -> np.ndarray:
-        """Outlyingness (higher = stranger) averaged over the members, before scaling."""
-        if parts is None:
-            parts = [self._member_components(member, xs) for member in self.members_]
-        total = np.zeros(len(xs))
-        w = self.knn_weight
-        for (err, knn), norm in zip(parts, self.norms_, strict=True):
-            z_err = (err - norm[0, 0]) / norm[0, 1]
-            z_knn = (knn - norm[1, 0]) / norm[1, 1]
-            total += (1.0 - w) * z_err + w * z_knn
-        return total / len(self.members_)
-
     # ---- scoring -------------------------------------------------------------------------------
     def score_samples(self, X) -> np.ndarray:
         """Normality per row (higher = more normal), in robust SDs of the training rows."""
         check_is_fitted(self, "members_")
         X = validate_data(self, X, dtype=np.float64, reset=False)
-        xs = (X - self.center_) / self.scale_
-        return -(self._combined(xs) - self.score_center_) / self.score_scale_
+        return -ops.state_outlyingness(*self.to_state(), X)
 
     def decision_function(self, X) -> np.ndarray:
         """``score_samples - offset_``: negative for outliers."""
@@ -200,7 +194,7 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
     def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """(JSON-able metadata, named float64 arrays): everything ``score_state`` needs."""
         check_is_fitted(self, "members_")
-        meta = {
+        meta: dict[str, Any] = {
             "kind": "sae-ensemble/1",
             "n_members": len(self.members_),
             "n_neighbors": int(self.n_neighbors),
@@ -208,6 +202,7 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
             "score_center": self.score_center_,
             "score_scale": self.score_scale_,
             "offset": float(self.offset_),
+            "threshold": -float(self.offset_),  # outlyingness above it: an anomaly
         }
         arrays = {"center": self.center_, "scale": self.scale_, "norms": self.norms_}
         for i, member in enumerate(self.members_):
