@@ -236,6 +236,27 @@ class EvaluationConfig(_Section):
     )
 
 
+class AnomalyConfig(_Section):
+    """Anomaly scoring (off by default): ``SAEAnomalyDetector`` fitted on the training part,
+    registered inside the encoder bundle (outputs ``anomaly_score`` and ``is_anomaly``)."""
+
+    enabled: bool = False
+    contamination: Annotated[float, Field(gt=0.0, le=0.5)] = Field(
+        0.01,
+        description="Share of training rows flagged: the threshold is that quantile of their "
+        "scores. The drift monitor expects this share of a new batch flagged.",
+    )
+    anomaly_label: int | str = Field(
+        1,
+        description="The value of the data's label column that marks a known anomaly. When the "
+        "test part holds both kinds, ROC AUC and PR AUC of the detector and of IsolationForest "
+        "(fitted on the same training rows) are logged to the run.",
+    )
+    n_estimators: PositiveInt = 10
+    max_samples: Annotated[int, Field(ge=2)] = 256
+    epochs: PositiveInt = 20
+
+
 class GateConfig(_Section):
     """When a new version may replace the champion."""
 
@@ -288,6 +309,7 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
     selection: SelectionConfig = SelectionConfig()
+    anomaly: AnomalyConfig = AnomalyConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

@@ -26,7 +26,7 @@ from typing import Any
 from sae_pipeline import storage
 from sae_pipeline.data import batches
 from sae_pipeline.errors import DataError
-from sae_pipeline.monitoring.drift import SIGNALS, DriftPolicy
+from sae_pipeline.monitoring.drift import EVIDENTLY_SIGNALS, DriftPolicy
 from sae_pipeline.registry import champion
 from sae_pipeline.registry.champion import ModelRef
 from sae_pipeline.steps._drift_decisions import decision_uri, earlier_decision
@@ -134,6 +134,7 @@ def check(
 
     from sae_pipeline.engine.encoder import ERROR_COLUMN
     from sae_pipeline.monitoring.drift import decide, run_report, signal_frames, summary_markdown
+    from sae_pipeline.monitoring.flagged import FLAG_COLUMN, FLAGGED, flagged_share_result
 
     out = check_dir(ctx)
     summary_uri = storage.join(out, "summary.json")
@@ -168,7 +169,7 @@ def check(
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in SIGNALS:
+        for name in EVIDENTLY_SIGNALS:
             if not policy.signal(name).enabled or len(current_raw) == 0:
                 continue
             t0 = time.perf_counter()
@@ -181,6 +182,12 @@ def check(
             snapshot.save_json(str(Path(tmp) / f"{name}.json"))
             timings[f"save_{name}"] = time.perf_counter() - t0
             stage(f"{name} report")
+        if FLAGGED in current and policy.signal(FLAGGED).enabled and len(current_raw):
+            results[FLAGGED] = flagged_share_result(
+                current[FLAGGED][FLAG_COLUMN].to_numpy(),
+                encoder.anomaly[0]["expected_share"],
+                policy.signal(FLAGGED).threshold,
+            )
         decision = decide(results, counts["rows_valid"], policy)
         summary = {
             "batch_key": ctx["batch"]["key"],
@@ -383,7 +390,7 @@ def run_check(ctx: dict[str, Any], progress: bool = False) -> dict[str, Any]:
         from tqdm import tqdm
 
         policy = _policy(ctx)
-        signals = sum(policy.signal(s).enabled for s in SIGNALS)
+        signals = sum(policy.signal(s).enabled for s in EVIDENTLY_SIGNALS)
         bar = tqdm(total=3 + signals, desc="drift check", unit="step")
     try:
         ref = reference(ctx)

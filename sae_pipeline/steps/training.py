@@ -16,6 +16,7 @@ from sae_pipeline import storage
 from sae_pipeline.config import PipelineConfig
 from sae_pipeline.registry.gate import gate_decision
 from sae_pipeline.steps._run import _uri, code_version, config_of, prepare
+from sae_pipeline.steps._training_anomaly import fit_anomaly
 from sae_pipeline.steps._training_data import (
     _dataset,
     _scaled,
@@ -63,12 +64,15 @@ __all__ = [
 
 # ---- evaluation and registry ------------------------------------------------------------------
 def evaluate(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Test reconstruction and probe accuracy: SAE codes vs raw features vs PCA."""
+    """Test reconstruction and probe accuracy: SAE codes vs raw features vs PCA; with
+    ``anomaly.enabled``, the anomaly detector first (``_training_anomaly.fit_anomaly``)."""
     from sae_pipeline.engine import trainer
     from sae_pipeline.engine.evaluation import evaluate_features, reconstruction_errors
     from sae_pipeline.registry import tracking
 
     cfg = config_of(ctx)
+    if cfg.anomaly.enabled:  # before register, which bundles the detector
+        fit_anomaly(ctx, load_trained(ctx, "model"))
     out = _uri(ctx, "evaluate", "metrics.json")
     if storage.exists(out):
         return storage.read_json(out)
