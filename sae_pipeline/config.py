@@ -102,6 +102,12 @@ class DataConfig(_Section):
     snapshot_shard_rows: Annotated[int, Field(gt=0)] = Field(
         1_000_000, description="A snapshot larger than this is written as a folder of shards."
     )
+    in_memory_max_bytes: Annotated[int, Field(ge=0)] = Field(
+        256 * 2**20,
+        description="Ingest and validate a Parquet source in memory when rows x columns x 8 "
+        "bytes is at most this; otherwise chunk by chunk, with memory bounded by the chunk "
+        "(docs/engine-scaling.md). Other sources are always read in memory.",
+    )
     validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")

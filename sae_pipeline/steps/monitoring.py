@@ -23,8 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sae_pipeline import storage
 from sae_pipeline.data import batches
 from sae_pipeline.errors import DataError
@@ -107,23 +105,14 @@ def reference(ctx: dict[str, Any]) -> dict[str, Any]:
     from sae_pipeline.engine.encoder import ERROR_COLUMN, encode_rows
 
     encoder = champion.load_encoder(ref)
-    snapshot = champion.training_snapshot(ref)
-    split = champion.split_indices(ref)
-    heldout = np.zeros(len(snapshot), dtype=bool)
-    if split is not None:
-        heldout[np.concatenate([split["val"], split["test"]])] = True
-    else:
-        heldout[:] = True  # no split stored: the best available is every row
-    keep = np.arange(len(snapshot))
-    if policy.sample_rows and len(snapshot) > policy.sample_rows:
-        rng = np.random.default_rng(policy.seed)
-        keep = np.sort(rng.choice(len(snapshot), policy.sample_rows, replace=False))
-    x = snapshot[encoder.contract.feature_columns].to_numpy(dtype=np.float64)[keep]
+    # A fixed-size seeded sample (streamed runs: read row group by row group).
+    features = encoder.contract.feature_columns
+    x, heldout = champion.reference_rows(ref, features, policy.sample_rows, policy.seed)
     codes, err = encode_rows(encoder, x)
-    frame = pd.DataFrame(x, columns=encoder.contract.feature_columns)
+    frame = pd.DataFrame(x, columns=features)
     frame[encoder.code_columns] = codes
     frame[ERROR_COLUMN] = err
-    frame[HELDOUT_COLUMN] = heldout[keep]
+    frame[HELDOUT_COLUMN] = heldout
     storage.write_parquet(uri, frame)
     meta = {"rows": len(frame), "rows_heldout": int(frame[HELDOUT_COLUMN].sum())}
     storage.write_json(uri + ".json", meta)

@@ -173,12 +173,11 @@ def _common_evaluation(ctx: dict[str, Any], cfg: PipelineConfig, name: str, vers
     if not comparison.same_columns(challenger, champion):
         return NEEDS_REVIEW_COLUMNS
     ref = champions.resolve(cfg, version=version)
-    seen = comparison.trained_rows(
-        champions.training_snapshot(ref),
-        champions.split_indices(ref),
-        list(champion.contract.feature_columns),
-    )
-    data, excluded = comparison.without_rows(_dataset(ctx), seen)
+    # Streamed runs: _dataset holds fixed-size seeded samples, and the champion's snapshot is
+    # streamed past them, so the gate's cost does not grow with either data set.
+    data = _dataset(ctx)
+    trained = comparison.trained_among(ref, data["x_test"], list(champion.contract.feature_columns))
+    data, excluded = comparison.without_mask(data, trained)
     if len(data["x_test"]) == 0:
         return f"needs review: the champion trained on all {excluded} of the challenger's test rows"
     return comparison.on_test_split(
