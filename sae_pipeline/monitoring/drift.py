@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sae_pipeline.errors import ConfigError
+from sae_pipeline.monitoring.review import ReviewPolicy
 
 SIGNALS = ("raw", "codes", "reconstruction_error")
 Signal = Literal["raw", "codes", "reconstruction_error"]
@@ -69,6 +70,9 @@ class DriftPolicy(BaseModel):
     )
     retrain: bool = Field(True, description="Trigger retraining when drift is detected.")
     experiment: str = Field("sae-monitoring", description="MLflow experiment of the checks.")
+    review: ReviewPolicy = Field(
+        default_factory=ReviewPolicy, description="Which decisions wait for a person's review."
+    )
     seed: int = 0
 
     def signal(self, name: str) -> SignalPolicy:

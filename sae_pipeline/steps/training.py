@@ -125,8 +125,11 @@ def _log_pictures(ctx, cfg, net, x_test, y_test) -> None:
             storage.write_bytes(_uri(ctx, "evaluate", "plots", path.name), path.read_bytes())
 
 
-def register(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Register encoder bundle and scaler as new versions and give them the alias challenger."""
+def register(ctx: dict[str, Any], review: dict[str, str] | None = None) -> dict[str, Any]:
+    """Register encoder bundle and scaler as new versions and give them the alias challenger.
+
+    ``review``: the drift review that asked for this run (``sae.review.*`` tags), kept on both.
+    """
     from sae_pipeline.registry import tracking
 
     cfg = config_of(ctx)
@@ -140,6 +143,7 @@ def register(ctx: dict[str, Any]) -> dict[str, Any]:
         "sae.code_version": code_version(),
         "sae.config_hash": cfg.config_hash(),
         "sae.mlflow_run_id": ctx["mlflow_run_id"],
+        **{k: str(v) for k, v in (review or {}).items() if k.startswith("sae.review.")},
     }
     versions = tracking.register_encoder(
         cfg, ctx["mlflow_run_id"], ctx["run_key"], encoder, example, lineage
