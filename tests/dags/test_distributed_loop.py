@@ -144,7 +144,11 @@ def _announce(topo: Topology, path) -> float:
 def _new_monitor_run(topo: Topology, seen: set[str]) -> str:
     def created():
         topo.check_alive()
-        fresh = [r["dag_run_id"] for r in topo.dag_runs(MONITOR) if r["dag_run_id"] not in seen]
+        fresh = [
+            r["dag_run_id"]
+            for r in topo.dag_runs(MONITOR)
+            if r["run_type"] == "asset_triggered" and r["dag_run_id"] not in seen
+        ]  # (a scheduled run of the daily timetable may appear too: it finds no batch, skips)
         return fresh[0] if fresh else None
 
     run_id = wait_for("the scheduler to start the drift monitor", created, 120, interval=0.5)
