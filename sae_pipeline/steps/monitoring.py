@@ -160,7 +160,9 @@ def check(
     """
 
     from sae_pipeline.engine.encoder import ERROR_COLUMN
+    from sae_pipeline.monitoring.downstream import combine
     from sae_pipeline.monitoring.drift import decide, run_report, signal_frames, summary_markdown
+    from sae_pipeline.steps._downstream import downstream_check
 
     out = check_dir(ctx)
     summary_uri = storage.join(out, "summary.json")
@@ -208,7 +210,10 @@ def check(
             snapshot.save_json(str(Path(tmp) / f"{name}.json"))
             timings[f"save_{name}"] = time.perf_counter() - t0
             stage(f"{name} report")
-        decision = decide(results, counts["rows_valid"], policy)
+        downstream = downstream_check(ctx, encoder, policy)  # the probe, on labelled batches
+        decision = combine(
+            decide(results, counts["rows_valid"], policy), downstream, policy.retrain
+        )
         summary = {
             "batch_key": ctx["batch"]["key"],
             "batch_files": ctx["batch"]["files"],
@@ -220,6 +225,7 @@ def check(
             "rows_reference_heldout": int(heldout.sum()),
             **decision,
             "signals": {k: _without(r, "per_column") for k, r in results.items()},
+            "downstream": downstream,
             "policy": policy.model_dump(mode="json"),
             "report_dir": out,
             "dag_run_id": ctx["run_id"],
@@ -270,6 +276,8 @@ def _short(summary: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     out = {k: summary[k] for k in keep if k in summary}
     out["drift_share"] = {k: r["drift_share"] for k, r in summary["signals"].items()}
+    if summary.get("downstream"):
+        out["downstream"] = summary["downstream"]
     return out
 
 
@@ -312,6 +320,9 @@ def log_check(ctx: dict[str, Any], summary: dict[str, Any], report_dir: str) -> 
     for name, r in summary["signals"].items():
         metrics[f"drift_share_{name}"] = r["drift_share"]
         metrics[f"drifted_columns_{name}"] = r["drifted_columns"]
+    for k in ("accuracy", "reference_accuracy", "drop"):
+        if k in (summary.get("downstream") or {}):
+            metrics[f"downstream_{k}"] = summary["downstream"][k]
     for which, v in summary.get("mean_reconstruction_error", {}).items():
         metrics[f"mean_reconstruction_error_{which}"] = v
     tags = {

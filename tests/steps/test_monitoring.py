@@ -148,3 +148,23 @@ def test_a_timed_out_review_takes_the_default_and_retrain_tags_the_conf(world):
         "sae.review.by": "ben",
         "sae.review.at": "2026-11-29T05:00:00+00:00",
     }
+
+
+# ---- downstream quality (issue 13) ------------------------------------------------------------
+def test_shuffled_labels_fire_the_downstream_signal_and_clean_labels_do_not(world):
+    from sae_pipeline.steps import monitoring
+
+    clean = blobs(300, 7)
+    shuffled = clean.assign(target=np.random.default_rng(0).permutation(clean["target"].values))
+    got = {}
+    for name, frame in (("labelled_clean", clean), ("labelled_shuffled", shuffled)):
+        path = world["tmp"] / f"{name}.parquet"
+        frame.to_parquet(path, index=False)
+        params = {**world["params"], "batch": str(path), "sample_rows": 0}
+        got[name] = monitoring.run_check(monitoring.context(f"downstream__{name}", params))
+    calm, fired = got["labelled_clean"]["downstream"], got["labelled_shuffled"]["downstream"]
+    assert calm["judged"] and not calm["fired"], calm
+    assert fired["fired"] and fired["drop"] > 0.3, fired
+    assert "downstream" in got["labelled_shuffled"]["drifted_signals"]
+    assert got["labelled_shuffled"]["decision"] == "retrain"
+    assert "downstream" not in got["labelled_clean"]["drifted_signals"]
