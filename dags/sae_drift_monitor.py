@@ -31,6 +31,7 @@ version, drift share per signal, decision and reason.
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import pendulum
@@ -68,7 +69,8 @@ class DriftReview(HITLOperator):
             return {}
         self.subject, self.body = req["subject"], req["body"]
         self.defaults = [req["default"]]
-        self.response_timeout = pendulum.duration(seconds=req["timeout_s"])
+        # A plain timedelta: the task runner serializes it when it parks the task.
+        self.response_timeout = datetime.timedelta(seconds=req["timeout_s"])
         return super().execute(context)
 
     def execute_complete(self, context, event):
@@ -180,7 +182,7 @@ def sae_drift_monitor():
         subject="Drift review",
         options=["retrain", "accept", "dismiss"],
         defaults="dismiss",
-        response_timeout=pendulum.duration(hours=24),
+        response_timeout=datetime.timedelta(hours=24),
         execution_timeout=None,
         retries=0,
     )

@@ -163,7 +163,10 @@ def _ti_state(topo: Topology, run_id: str, task_id: str, dag_id: str = MONITOR) 
 def _wait_for_review(topo: Topology, run_id: str) -> dict:
     def waiting():
         topo.check_alive()
-        return _ti_state(topo, run_id, "review") == "awaiting_input"
+        state = _ti_state(topo, run_id, "review")
+        if state in ("failed", "upstream_failed", "skipped", "success"):
+            raise AssertionError(f"{run_id}: review ended {state}\n{topo.diagnostics()}")
+        return state == "awaiting_input"
 
     wait_for(f"{run_id} to wait for a review", waiting, 180, interval=0.5)
     return topo.api("GET", _hitl_path(run_id))
