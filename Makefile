@@ -40,7 +40,7 @@ bench-service: $(STAMP)
 
 # Training steps at 1M/4M/16M rows, each in its own process (long: about an hour on 2 cores).
 bench-scale: $(STAMP)
-	$(PY) bench/bench_scale.py $(if $(ROWS),--rows $(ROWS),)
+	$(PY) bench/bench_scale.py --train $(if $(ROWS),--rows $(ROWS),) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS),)
 
 clean:
 	rm -rf artifacts .airflow

@@ -57,7 +57,7 @@ def main() -> None:
             dims = (*defaults["hidden_dims"][:-1], code)
             sae = StackedAutoencoder(hidden_dims=dims, random_state=seed).fit(x_tr)
             secs = time.perf_counter() - t0
-            mse = float(np.mean(sae.score_samples(x_te)))
+            mse = float(np.mean(sae.reconstruction_error(x_te)))
             acc = probe_accuracy(sae.transform(x_tr), y_tr, sae.transform(x_te), y_te, 5000)
             rows.append(("SAE fine-tuned", mse, acc, secs))
             pre = StackedAutoencoder(hidden_dims=dims, random_state=seed)
@@ -65,7 +65,7 @@ def main() -> None:
             rows.append(
                 (
                     "SAE pretrain only",
-                    float(np.mean(pre.score_samples(x_te))),
+                    float(np.mean(pre.reconstruction_error(x_te))),
                     probe_accuracy(pre.transform(x_tr), y_tr, pre.transform(x_te), y_te, 5000),
                     0.0,
                 )

@@ -3,17 +3,22 @@
 Synthetic data (64 float32 features, a few latent factors plus noise) is generated in chunks to
 a Parquet file under $TMPDIR for each size; the training DAG's steps then run one by one, each
 in a fresh Python process as an Airflow worker runs it (``--step``), sharing the run's context.
-One epoch per phase at batch 1024, streamed from the snapshot (``training.in_memory_max_bytes``
-is 0 here, so every size takes the same path). Then, at the first size, the trainer's samples/s
-streaming vs in memory on the same rows, side by side.
+One epoch per phase at batch 1024 (``--max-steps`` caps each phase), streamed: ingest and
+validate chunk by chunk (``data.in_memory_max_bytes`` 0), training from the snapshot's shards
+(``training.in_memory_max_bytes`` 0), so every size takes the same path. ``--train`` also runs
+``sae-pipeline train`` (every step in one process) under ``/usr/bin/time -v``. Then, at the
+first size, the trainer's samples/s streaming vs in memory on the same rows, side by side,
+alternated, best of ``--repeats``.
 
-    .venv/bin/python bench/bench_scale.py --rows 1000000 4000000 16000000
+    .venv/bin/python bench/bench_scale.py --rows 1000000 4000000 16000000 --train
+    .venv/bin/python bench/bench_scale.py --rows 1000000 --steps none --repeats 3 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,12 +48,12 @@ def generate(path: Path, rows: int, chunk: int = 1_000_000) -> None:
             w.write_table(pa.table({c: x[:, j] for j, c in enumerate(names)}))
 
 
-def overrides(tmp: Path, source: Path) -> dict:
-    return {
+def overrides(tmp: Path, source: Path, max_steps: int | None = None) -> dict:
+    out = {
         "artifacts_root": str(tmp / "artifacts"),
         "registry.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
         "data.source": str(source),
-        "data.label_column": None,
+        "data.in_memory_max_bytes": 0,
         "training.pretrain.epochs": 1,
         "training.finetune.epochs": 1,
         "training.pretrain.batch_size": 1024,
@@ -56,6 +61,16 @@ def overrides(tmp: Path, source: Path) -> dict:
         "training.in_memory_max_bytes": 0,
         "training.device": "cpu",
     }
+    if max_steps:
+        out |= {"training.pretrain.max_steps": max_steps, "training.finetune.max_steps": max_steps}
+    return out
+
+
+def _hwm_kib() -> int:
+    # This process's own high-water mark: ru_maxrss from wait4 would also count the parent's
+    # RSS, which Linux carries over fork and exec.
+    status = Path("/proc/self/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1])
 
 
 def run_step(step: str, ctx_file: Path) -> None:
@@ -67,18 +82,14 @@ def run_step(step: str, ctx_file: Path) -> None:
         steps.pretrain_layer(ctx, int(step.split("_")[1]))
     else:
         getattr(steps, step)(ctx)
-    # This process's own high-water mark: ru_maxrss from wait4 would also count the parent's
-    # RSS, which Linux carries over fork and exec.
-    status = Path("/proc/self/status").read_text()
-    hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-    print(f"VmHWM {int(hwm.split()[1])}")
+    print(f"VmHWM {_hwm_kib()}")
 
 
-def measure(step: str, ctx_file: Path) -> tuple[float, float]:
+def measure(step: str, ctx_file: Path, env: dict) -> tuple[float, float]:
     """(seconds, peak RSS in GiB) of one step in a fresh process."""
     t0 = time.perf_counter()
     cmd = [sys.executable, __file__, "--step", step, "--ctx", str(ctx_file)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     secs = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"step {step} failed:\n{proc.stderr[-3000:]}")
@@ -86,8 +97,26 @@ def measure(step: str, ctx_file: Path) -> tuple[float, float]:
     return secs, kib / 2**20
 
 
-def samples_per_second(ctx: dict) -> dict[str, float]:
-    """Fine-tuning throughput on the run's training part: streamed vs in memory."""
+def measure_train(tmp: Path, source: Path, max_steps: int | None, env: dict) -> tuple[float, float]:
+    """(seconds, peak RSS in GiB) of ``sae-pipeline train``: every step in one process."""
+    cli = Path(sys.executable).with_name("sae-pipeline")
+    # Its own artifacts and run: nothing shared with the per-step run.
+    sets = overrides(tmp, source, max_steps) | {"artifacts_root": str(tmp / "artifacts-train")}
+    cmd = ["/usr/bin/time", "-v", str(cli), "train", "--run-id", "bench-train"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    secs = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"sae-pipeline train failed:\n{proc.stderr[-3000:]}")
+    line = next(ln for ln in proc.stderr.splitlines() if "Maximum resident set size" in ln)
+    return secs, int(line.rsplit(":", 1)[1]) / 2**20
+
+
+def samples_per_second(ctx: dict, repeats: int, max_steps: int | None) -> dict[str, float]:
+    """Fine-tuning throughput on the run's training part: streamed vs in memory, alternated
+    (the machine's other load is noise), best of ``repeats``."""
     import torch
 
     from sae_pipeline.engine import trainer
@@ -96,36 +125,54 @@ def samples_per_second(ctx: dict) -> dict[str, float]:
     from sae_pipeline.steps._run import config_of
     from sae_pipeline.steps._training_net import architecture
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg, cpu = config_of(ctx), torch.device("cpu")
     phase = cfg.training.finetune
+    if max_steps:
+        phase = phase.model_copy(update={"max_steps": max_steps})
     stream, x_val = ts.train_stream(ctx, cfg, phase.batch_size, 0, cpu)
     x_val = x_val[:4096]
     parts = [x for x in ts.part_chunks(ctx, "train")]
     x_mem = torch.from_numpy(np.concatenate(parts) * stream.mult + stream.add)
     del parts
     best = {"in memory": 0.0, "streaming": 0.0}
-    for _ in range(3):  # alternated, best of three: the machine's other load is noise
+    for _ in range(repeats):
         for name, x_train, s in (("in memory", x_mem, None), ("streaming", None, stream)):
             net = build_net(architecture(cfg, FEATURES), seed=0)
             hist = trainer.finetune(net, x_train, x_val, phase, cfg.model, seed=0, stream=s)
-            best[name] = max(best[name], hist.samples_seen / hist.step_seconds)
+            speed = hist.samples_seen / hist.step_seconds
+            print(f"  {name:<10} {speed:10,.0f} samples/s", flush=True)
+            best[name] = max(best[name], speed)
     return best
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000, 16_000_000])
+    ap.add_argument("--steps", nargs="+", default=STEPS, help="DAG steps to measure, or none")
+    ap.add_argument("--train", action="store_true", help="also `sae-pipeline train`")
+    ap.add_argument("--repeats", type=int, default=3, help="throughput: best of this many")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    ap.add_argument("--max-steps", type=int, help="cap each training phase at this many steps")
+    ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--step")
     ap.add_argument("--ctx", type=Path)
-    ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     if args.step:
         run_step(args.step, args.ctx)
         return 0
+    env = dict(os.environ)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        env["OMP_NUM_THREADS"] = str(args.threads)
     from sae_pipeline.steps import training as steps
 
-    table: dict[str, dict[int, tuple[float, float]]] = {s: {} for s in STEPS}
+    wanted = [] if args.steps == ["none"] else args.steps
+    # The steps before the last one asked for run too (they make its inputs); only the asked
+    # ones are reported.
+    steps_run = STEPS[: max((STEPS.index(s) + 1 for s in wanted), default=0)]
+    table: dict[str, dict[int, tuple[float, float]]] = {s: {} for s in [*wanted, "train"]}
     speed = None
     for rows in args.rows:
         with tempfile.TemporaryDirectory(prefix="sae-bench-scale-") as d:
@@ -133,21 +180,32 @@ def main() -> int:
             t0 = time.perf_counter()
             generate(tmp / "x.parquet", rows)
             print(f"{rows:,} rows generated in {time.perf_counter() - t0:.0f} s", flush=True)
-            ctx = steps.prepare(f"bench-scale-{rows}", None, overrides(tmp, tmp / "x.parquet"))
+            run_overrides = overrides(tmp, tmp / "x.parquet", args.max_steps)
+            ctx = steps.prepare(f"bench-scale-{rows}", None, run_overrides)
             ctx_file = tmp / "ctx.json"
             ctx_file.write_text(json.dumps(ctx))
-            for step in STEPS:
-                table[step][rows] = measure(step, ctx_file)
-                secs, rss = table[step][rows]
+            for step in steps_run:
+                secs, rss = measure(step, ctx_file, env)
+                if step in wanted:
+                    table[step][rows] = secs, rss
                 print(f"  {step:<11} {secs:8.1f} s  {rss:6.2f} GiB", flush=True)
+            if args.train:
+                table["train"][rows] = measure_train(tmp, tmp / "x.parquet", args.max_steps, env)
+                secs, rss = table["train"][rows]
+                print(f"  {'train':<11} {secs:8.1f} s  {rss:6.2f} GiB", flush=True)
             if speed is None and not args.skip_throughput:
-                speed = samples_per_second(ctx)
+                for step in STEPS[len(steps_run) : 4]:  # it needs the snapshot, split, scaler
+                    measure(step, ctx_file, env)
+                speed = samples_per_second(ctx, args.repeats, args.max_steps)
     sizes = args.rows
     print("\n| step | " + " | ".join(f"{r / 1e6:g}M rows: s / peak RSS GiB" for r in sizes) + " |")
     print("|---" * (len(sizes) + 1) + "|")
-    for step in STEPS:
-        cells = [f"{table[step][r][0]:.1f} / {table[step][r][1]:.2f}" for r in sizes]
-        print(f"| {step} | " + " | ".join(cells) + " |")
+    for step, cells_by_rows in table.items():
+        if not cells_by_rows:
+            continue
+        name = "`sae-pipeline train` (one process)" if step == "train" else step
+        cells = [f"{cells_by_rows[r][0]:.1f} / {cells_by_rows[r][1]:.2f}" for r in sizes]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     if speed:
         ratio = speed["streaming"] / speed["in memory"]
         print(f"\nfine-tuning at {sizes[0]:,} rows, batch 1024: in memory "

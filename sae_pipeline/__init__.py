@@ -8,7 +8,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["PipelineConfig", "StackedAutoencoder", "__version__", "load_config"]
+__all__ = [
+    "PipelineConfig",
+    "SAEAnomalyDetector",
+    "StackedAutoencoder",
+    "__version__",
+    "load_config",
+]
 
 
 def __getattr__(name: str):
@@ -20,4 +26,8 @@ def __getattr__(name: str):
         from sae_pipeline.engine.estimator import StackedAutoencoder
 
         return StackedAutoencoder
+    if name == "SAEAnomalyDetector":
+        from sae_pipeline.engine.anomaly import SAEAnomalyDetector
+
+        return SAEAnomalyDetector
     raise AttributeError(f"module 'sae_pipeline' has no attribute {name!r}")

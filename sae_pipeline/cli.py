@@ -76,7 +76,7 @@ INGEST_FLAGS = {
 def cmd_ingest(args: argparse.Namespace) -> int:
     from sae_pipeline import storage
     from sae_pipeline.config import load_config
-    from sae_pipeline.data import snapshot
+    from sae_pipeline.data import ingest, snapshot
 
     overrides = _set_overrides(args.set)
     for flag, field in INGEST_FLAGS.items():
@@ -84,7 +84,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             overrides[field] = getattr(args, flag)
     cfg = load_config(args.config, **overrides)
     out_dir = storage.normalize_root(args.output)
-    manifest = snapshot.ingest(cfg.data, out_dir)
+    manifest = ingest.ingest(cfg.data, out_dir)
     print(json.dumps({"output": out_dir, **snapshot.summary(manifest, out_dir)}, indent=2))
     return 0
 

@@ -102,6 +102,12 @@ class DataConfig(_Section):
     snapshot_shard_rows: Annotated[int, Field(gt=0)] = Field(
         1_000_000, description="A snapshot larger than this is written as a folder of shards."
     )
+    in_memory_max_bytes: Annotated[int, Field(ge=0)] = Field(
+        256 * 2**20,
+        description="Ingest and validate a Parquet source in memory when rows x columns x 8 "
+        "bytes is at most this; otherwise chunk by chunk, with memory bounded by the chunk "
+        "(docs/engine-scaling.md). Other sources are always read in memory.",
+    )
     validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")
@@ -230,6 +236,27 @@ class EvaluationConfig(_Section):
     )
 
 
+class AnomalyConfig(_Section):
+    """Anomaly scoring (off by default): ``SAEAnomalyDetector`` fitted on the training part,
+    registered inside the encoder bundle (outputs ``anomaly_score`` and ``is_anomaly``)."""
+
+    enabled: bool = False
+    contamination: Annotated[float, Field(gt=0.0, le=0.5)] = Field(
+        0.01,
+        description="Share of training rows flagged: the threshold is that quantile of their "
+        "scores. The drift monitor expects this share of a new batch flagged.",
+    )
+    anomaly_label: int | str = Field(
+        1,
+        description="The value of the data's label column that marks a known anomaly. When the "
+        "test part holds both kinds, ROC AUC and PR AUC of the detector and of IsolationForest "
+        "(fitted on the same training rows) are logged to the run.",
+    )
+    n_estimators: PositiveInt = 10
+    max_samples: Annotated[int, Field(ge=2)] = 256
+    epochs: PositiveInt = 20
+
+
 class GateConfig(_Section):
     """When a new version may replace the champion."""
 
@@ -282,6 +309,7 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
     selection: SelectionConfig = SelectionConfig()
+    anomaly: AnomalyConfig = AnomalyConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

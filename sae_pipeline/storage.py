@@ -118,6 +118,64 @@ def read_torch(uri: str) -> Any:
     return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
 
 
+# ---- staged writes: many files, committed together --------------------------------------------
+def new_stage(out_dir: str) -> str:
+    """A fresh staging folder under ``out_dir`` (hidden from data readers: its name starts
+    with ``_``), for outputs too large to build in memory."""
+    return join(out_dir, f"_staging-{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def staged_writer(stage: str, name: str):
+    """A binary file handle writing ``name`` inside the staging folder ``stage``."""
+    uri = join(stage, name)
+    if is_local(uri):
+        path = local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            yield fh
+        return
+    with fsspec.open(uri, "wb") as fh:
+        yield fh
+
+
+def commit(stage: str, out_dir: str, names: dict[str, str]) -> list[str]:
+    """Move staged files into ``out_dir`` (staged name -> final name), then drop the stage.
+
+    Each move is atomic (a local rename; on object stores a copy whose PUT appears whole); the
+    caller writes its manifest after this, which is what makes the set of files complete.
+    """
+    moved = []
+    for staged, final in names.items():
+        src, dst = join(stage, staged), join(out_dir, final)
+        if is_local(src):
+            target = local_path(dst)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(local_path(src), target)
+        else:
+            fs, path = fsspec.core.url_to_fs(src)
+            fs.mv(path, fsspec.core.url_to_fs(dst)[1])
+        moved.append(dst)
+    remove(stage)
+    return moved
+
+
+def remove(uri: str) -> None:
+    """Delete a file or a folder and everything in it; nothing when it does not exist."""
+    if is_local(uri):
+        import shutil
+
+        path = local_path(uri)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+        return
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 # ---- advisory locks ---------------------------------------------------------------------------
 class LockTimeout(TimeoutError):
     """Another holder kept a lock longer than we were willing to wait."""

@@ -83,12 +83,25 @@ def infer_contract(frame: pd.DataFrame, cfg: DataConfig) -> Contract:
     return Contract(features, dtypes, label, cfg.id_column)
 
 
+class ContentHasher:
+    """``content_hash`` computed chunk by chunk: feeding a frame's rows in any chunks gives the
+    hash of the whole frame (each row's hash depends on that row alone)."""
+
+    def __init__(self, columns) -> None:
+        self._h = hashlib.sha256()
+        self._h.update("\x1f".join(map(str, columns)).encode())
+
+    def update(self, frame: pd.DataFrame) -> ContentHasher:
+        self._h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+        return self
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()[:16]
+
+
 def content_hash(frame: pd.DataFrame) -> str:
     """A hash of the frame's columns and values: the same data gives the same hash."""
-    h = hashlib.sha256()
-    h.update("\x1f".join(map(str, frame.columns)).encode())
-    h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
-    return h.hexdigest()[:16]
+    return ContentHasher(frame.columns).update(frame).hexdigest()
 
 
 def split_indices(n: int, labels: np.ndarray | None, cfg: SplitConfig) -> dict[str, np.ndarray]:

@@ -192,6 +192,42 @@ def sample_part(
     return xs[0], {c: v[0] for c, v in cols.items()}
 
 
+def sample_positions(n_rows: int, n: int, seed: int, chunk: int = 1 << 22) -> np.ndarray:
+    """The positions of a seeded uniform sample of ``n`` of ``n_rows`` rows, sorted.
+
+    The rows of smallest ``row_uniform(seed, row, stream=1)``, as ``sample_part`` keeps them;
+    found from positions alone (no data read), in O(n + chunk) memory.
+    """
+    best = np.zeros(0, dtype=np.int64)
+    best_keys = np.zeros(0)
+    for start in range(0, n_rows, chunk):
+        rows = np.arange(start, min(n_rows, start + chunk), dtype=np.int64)
+        keys = row_uniform(seed, rows.astype(np.uint64), 1)
+        rows, keys = np.concatenate([best, rows]), np.concatenate([best_keys, keys])
+        if len(keys) > n:
+            keep = np.argpartition(keys, n - 1)[:n]
+            rows, keys = rows[keep], keys[keep]
+        best, best_keys = rows, keys
+    return np.sort(best)
+
+
+def read_positions(plan: list[Unit], columns: Sequence[str], positions: np.ndarray) -> np.ndarray:
+    """(len(positions), features) float64 of the rows at sorted ``positions``, reading only the
+    row groups that hold them."""
+    out = np.empty((len(positions), len(columns)), dtype=np.float64)
+    for u in plan:
+        lo, hi = np.searchsorted(positions, [u.first_row, u.first_row + u.rows])
+        if lo == hi:
+            continue
+        start = u.first_row
+        for rb in batches.iter_chunks([u.file], columns, 65_536, {u.file: [u.group]}):
+            a, b = np.searchsorted(positions, [start, start + rb.num_rows])
+            if b > a:
+                out[a:b] = batches.feature_matrix(rb, columns)[positions[a:b] - start]
+            start += rb.num_rows
+    return out
+
+
 def _smallest(xs, keys, cols, n):
     """The ``n`` rows of smallest key, in the order they were appended (snapshot order)."""
     x, k = np.concatenate(xs), np.concatenate(keys)

@@ -1,7 +1,7 @@
 """Versioned data snapshots: a batch is validated once, written once, and read back by manifest.
 
-A snapshot folder (``sae-pipeline ingest --output <dir>``, or ``<run>/validate/`` in a training
-run) holds:
+A snapshot folder (``sae-pipeline ingest --output <dir>`` through ``data.ingest``, or
+``<run>/validate/`` in a training run) holds:
 
 - ``snapshot.parquet``: the accepted rows; a larger snapshot is a folder of shards,
   ``snapshot/part-00000.parquet``, ... (``data.snapshot_shard_rows`` rows each);
@@ -31,22 +31,6 @@ from sae_pipeline.errors import DataError
 MANIFEST = "manifest.json"
 SNAPSHOT_FILE, SNAPSHOT_DIR, QUARANTINE_FILE = "snapshot.parquet", "snapshot", "quarantine.parquet"
 FORMAT_VERSION = 1
-
-
-def ingest(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
-    """Read ``cfg.source``, validate it (against ``cfg.contract`` when set), write the snapshot."""
-    from sae_pipeline.data.sources import describe_source, read_source, source_format
-
-    contract = load_contract(cfg.contract) if cfg.contract else None
-    frame = read_source(cfg)
-    return write_snapshot(
-        frame,
-        cfg,
-        out_dir,
-        contract,
-        source=describe_source(cfg.source),
-        source_format=source_format(cfg),
-    )
 
 
 def write_snapshot(

@@ -8,8 +8,10 @@ Sources are only ever read: nothing here writes to them.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -196,6 +198,85 @@ def _read_parquet_file(fs, path: str, label: str) -> pd.DataFrame:
     if isinstance(frame.index, pd.MultiIndex) or frame.index.name is not None:
         frame = frame.reset_index()
     return frame.reset_index(drop=True)
+
+
+class ParquetStream:
+    """A Parquet source (one file or a folder of shards) read one record batch at a time.
+
+    Opening it reads only the files' footers: row count, columns (the same in every shard,
+    each name once), and raises the same ``DataError`` as ``read_parquet`` for a missing,
+    empty or corrupt source. ``chunks`` then yields ``(Arrow table, frame)`` pairs of at most
+    ``chunk_rows`` rows, in file order; memory is bounded by the chunk, not the source.
+    """
+
+    def __init__(self, source: str, chunk_rows: int = 65_536):
+        self.source, self.chunk_rows = source, chunk_rows
+        self.fs, root = _fs(source)
+        if not _exists(self.fs, root):
+            raise DataError(f"data source not found: {source}")
+        if self.fs.isdir(root):
+            self.files = data_files(self.fs, root, PARQUET_SUFFIXES)
+            if not self.files:
+                raise DataError(f"Parquet folder {source} holds no .parquet files")
+            self.labels = [f"{source} (shard {_rel(f, root)})" for f in self.files]
+        else:
+            self.files, self.labels = [root], [source]
+        self.rows, self.columns = 0, None
+        for f, label in zip(self.files, self.labels, strict=True):
+            with self._open(f, label) as pf:
+                names = check_unique_names(pf.schema_arrow.names, f"Parquet file {label}")
+                if self.columns is not None and names != self.columns:
+                    raise DataError(
+                        f"Parquet shard {_rel(f, root)} of {source} has columns "
+                        f"{_short(names)}, but shard {_rel(self.files[0], root)} has "
+                        f"{_short(self.columns)}"
+                    )
+                self.columns = names
+                self.rows += pf.metadata.num_rows
+
+    @property
+    def nbytes(self) -> int:
+        """What the source takes in memory as a frame of float64s: rows x columns x 8."""
+        return self.rows * len(self.columns or []) * 8
+
+    @contextlib.contextmanager
+    def _open(self, path: str, label: str):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.fs.size(path) == 0:
+            raise DataError(f"Parquet file {label} is empty (0 bytes)")
+        with self.fs.open(path, "rb") as fh:
+            try:
+                pf = pq.ParquetFile(fh)
+            except (pa.ArrowException, *_CORRUPT) as err:
+                raise DataError(
+                    f"Parquet file {label} is corrupt or truncated: {_first_line(err)}"
+                ) from None
+            yield pf
+
+    def chunks(self) -> Iterator[tuple[Any, pd.DataFrame]]:
+        """(Arrow table, frame) of each chunk: the frame as ``read_parquet`` would read those
+        rows (nullable integers exact, decimals as float64, a named index as a column)."""
+        import pyarrow as pa
+
+        for f, label in zip(self.files, self.labels, strict=True):
+            with self._open(f, label) as pf:
+                batches = pf.iter_batches(batch_size=self.chunk_rows)
+                while True:
+                    try:
+                        rb = next(batches, None)
+                    except (pa.ArrowException, *_CORRUPT) as err:
+                        raise DataError(
+                            f"Parquet file {label} is corrupt or truncated: {_first_line(err)}"
+                        ) from None
+                    if rb is None:
+                        break
+                    table = pa.Table.from_batches([rb])
+                    frame = table_to_frame(table)
+                    if isinstance(frame.index, pd.MultiIndex) or frame.index.name is not None:
+                        frame = frame.reset_index()
+                    yield table, frame.reset_index(drop=True)
 
 
 # ---- SQL --------------------------------------------------------------------------------------

@@ -24,67 +24,18 @@ import numpy as np
 import pandas as pd
 
 from sae_pipeline.config import DataConfig, ValidationConfig
+from sae_pipeline.data._row_checks import (
+    RowProblem,
+    feature_problems,
+    label_and_id_problems,
+    names_of,
+)
 from sae_pipeline.data.contract import Contract, infer_contract
 from sae_pipeline.data.sources import check_unique_names
 from sae_pipeline.errors import DataError
 
 REASON_COLUMN = "_quarantine_reason"
 ROW_COLUMN = "_row"
-
-# Problem kind -> (the data.validation field that decides it, what one bad value is called)
-KINDS = {
-    "non_numeric": ("non_numeric", "non-numeric value"),
-    "missing": ("missing_values", "missing value"),
-    "infinite": ("infinite_values", "infinite value"),
-    "out_of_range": ("out_of_range", "value"),
-    "duplicate_id": ("duplicate_ids", "repeated value"),
-}
-# Text that means "no value" rather than "not a number".
-_NA_TEXT = {"", "nan", "na", "n/a", "null", "none", "<na>"}
-
-
-@dataclass
-class RowProblem:
-    """One kind of problem in one column: which rows have it, and how to say so."""
-
-    kind: str
-    column: str
-    role: str  # "column", "label" or "id"
-    mask: np.ndarray  # (rows,) bool
-    values: pd.Series  # the column as given, for the messages
-    note: str = ""  # e.g. " far outside the training range [0, 16]"
-    first_seen: dict[Any, int] = field(default_factory=dict)  # repeated ids: value -> first row
-
-    @property
-    def count(self) -> int:
-        return int(self.mask.sum())
-
-    @property
-    def where(self) -> str:
-        return f"{self.role} {self.column!r}"
-
-    @property
-    def policy_field(self) -> str:
-        return KINDS[self.kind][0]
-
-    def row_reason(self, i: int) -> str:
-        """Why row ``i`` is quarantined, for the quarantine file."""
-        if self.kind == "missing":
-            return f"{self.where}: missing value"
-        value = self.values.iloc[i]
-        if self.kind == "duplicate_id":
-            first = self.first_seen.get(value)
-            return f"{self.where}: repeated value {_show(value)} (first at row {first})"
-        return f"{self.where}: {KINDS[self.kind][1]} {_show(value)}{self.note}"
-
-    def summary(self) -> str:
-        """One line: where, how many, and the first example."""
-        first = int(np.flatnonzero(self.mask)[0])
-        example = "" if self.kind == "missing" else f" {_show(self.values.iloc[first])}"
-        return (
-            f"{self.where} has {self.count} {KINDS[self.kind][1]}(s){self.note}, "
-            f"e.g.{example} at row {first}"
-        )
 
 
 @dataclass
@@ -143,9 +94,9 @@ def validate_batch(
     problems: list[RowProblem] = []
     for col in contract.feature_columns:
         limits = ranges.get(col) if ranges else None
-        numeric[col], found = _feature_problems(frame[col], col, limits, policy.range_tolerance)
+        numeric[col], found = feature_problems(frame[col], col, limits, policy.range_tolerance)
         problems += found
-    problems += _label_and_id_problems(frame, contract)
+    problems += label_and_id_problems(frame, contract)
     problems = [p for p in problems if p.count]
     # Repeats are looked for among the rows valid otherwise: the policy keeps the first of them.
     problems += [p for p in [_repeated_ids(frame, contract, problems)] if p is not None and p.count]
@@ -195,7 +146,7 @@ def check_features(frame: pd.DataFrame, contract: Contract) -> None:
     if missing:
         raise DataError(f"feature column(s) missing: {', '.join(missing)}")
     for col in contract.feature_columns:
-        _, found = _feature_problems(frame[col], col, None, 0.0)
+        _, found = feature_problems(frame[col], col, None, 0.0)
         for p in found:
             if p.count:
                 raise DataError(f"{p.summary()}; {len(frame)} rows in")
@@ -211,7 +162,7 @@ def _check_shape(frame: pd.DataFrame) -> pd.DataFrame:
     if reserved:
         raise DataError(f"column name {reserved[0]!r} is reserved for the quarantine file")
     if len(frame) == 0:
-        raise DataError(f"the data has a header but no rows (columns: {_names(names)})")
+        raise DataError(f"the data has a header but no rows (columns: {names_of(names)})")
     return frame.set_axis(names, axis=1)
 
 
@@ -223,18 +174,18 @@ def _match_columns(
     if missing:
         raise DataError(
             f"{len(missing)} feature column(s) of the contract missing from the data: "
-            f"{_names(missing)}"
+            f"{names_of(missing)}"
         )
     if contract.id_column is not None and contract.id_column not in frame.columns:
         raise DataError(f"id column {contract.id_column!r} of the contract is missing")
     extra = [c for c in frame.columns if c not in contract.columns]
     if extra and policy.extra_columns == "reject":
         raise DataError(
-            f"{len(extra)} column(s) not in the contract: {_names(extra)} "
+            f"{len(extra)} column(s) not in the contract: {names_of(extra)} "
             "(data.validation.extra_columns is 'reject'; 'ignore' drops them)"
         )
     if extra:
-        warnings.append(f"dropped {len(extra)} column(s) not in the contract: {_names(extra)}")
+        warnings.append(f"dropped {len(extra)} column(s) not in the contract: {names_of(extra)}")
     present = [c for c in frame.columns if c in contract.columns]
     expected = [c for c in contract.columns if c in frame.columns]
     if present != expected:
@@ -261,94 +212,14 @@ def _check_constant(
         return
     message = (
         f"{len(constant)} constant feature column(s), one value in all {len(accepted)} "
-        f"accepted rows: {_names(constant)}"
+        f"accepted rows: {names_of(constant)}"
     )
     if policy.constant_columns == "reject":
         raise DataError(f"{message} (data.validation.constant_columns is 'reject')")
     warnings.append(message)
 
 
-# ---- row checks -------------------------------------------------------------------------------
-def _feature_problems(
-    values: pd.Series, col: str, limits: list[float] | None, tolerance: float
-) -> tuple[np.ndarray, list[RowProblem]]:
-    """The column as float64 (NaN where no number), and its row problems."""
-    dtype = values.dtype
-    if pd.api.types.is_bool_dtype(dtype) or (
-        pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
-    ):
-        num = values.to_numpy(dtype=np.float64, na_value=np.nan)
-        non_numeric = np.zeros(len(values), dtype=bool)
-    elif pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype):
-        num, non_numeric = _parse_numbers(values)
-    else:
-        raise DataError(f"column {col!r} has type {dtype}, not a number")
-    missing = np.isnan(num) & ~non_numeric
-    if (missing | non_numeric).all():
-        if non_numeric.any():
-            example = values.iloc[int(np.flatnonzero(non_numeric)[0])]
-            raise DataError(
-                f"column {col!r} is not numeric: none of its {len(values)} value(s) is a "
-                f"number, e.g. {_show(example)}"
-            )
-        raise DataError(f"column {col!r} has no values: all {len(values)} row(s) are empty")
-    problems = [
-        RowProblem("non_numeric", col, "column", non_numeric, values),
-        RowProblem("missing", col, "column", missing, values),
-        RowProblem("infinite", col, "column", np.isinf(num), values),
-    ]
-    if limits is not None:
-        lo, hi = float(limits[0]), float(limits[1])
-        # "Far" is measured in training ranges; a constant training column gets a unit range.
-        span = hi - lo if hi > lo else max(abs(hi), 1.0)
-        with np.errstate(invalid="ignore"):
-            far = np.isfinite(num) & ((num < lo - tolerance * span) | (num > hi + tolerance * span))
-        problems.append(
-            RowProblem(
-                "out_of_range",
-                col,
-                "column",
-                far,
-                values,
-                f" far outside the training range [{lo:g}, {hi:g}]",
-            )
-        )
-    return num, problems
-
-
-def _parse_numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Numbers in a text/object column: (float64 values, mask of values that are no number)."""
-    try:
-        num = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    except (TypeError, ValueError, OverflowError):
-        num = np.array([_to_float(v) for v in values], dtype=np.float64)
-    given = values.notna().to_numpy()
-    na_text = np.array(
-        [isinstance(v, str) and v.strip().lower() in _NA_TEXT for v in values], dtype=bool
-    )
-    return num, np.isnan(num) & given & ~na_text
-
-
-def _to_float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError, OverflowError):
-        return float("nan")
-
-
-def _label_and_id_problems(frame: pd.DataFrame, contract: Contract) -> list[RowProblem]:
-    problems = []
-    label = contract.label_column
-    if label is not None and label in frame.columns:
-        values = frame[label]
-        problems.append(RowProblem("missing", label, "label", values.isna().to_numpy(), values))
-    ident = contract.id_column
-    if ident is not None and ident in frame.columns:
-        values = frame[ident]
-        problems.append(RowProblem("missing", ident, "id", values.isna().to_numpy(), values))
-    return problems
-
-
+# ---- repeated ids ---------------------------------------------------------------------------
 def _repeated_ids(
     frame: pd.DataFrame, contract: Contract, problems: list[RowProblem]
 ) -> RowProblem | None:
@@ -424,19 +295,6 @@ def _too_many_message(problems: list[RowProblem], n_bad: int, n: int, ceiling: f
             f"data.validation.max_quarantine_fraction={ceiling:g} allows: "
         )
     return head + "; ".join(p.summary() for p in worst) + more
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, np.generic):
-        value = value.item()
-    text = f"{value:g}" if isinstance(value, float) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _names(columns: Any, limit: int = 8) -> str:
-    names = [repr(str(c)) for c in columns]
-    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def validate_frame(frame: pd.DataFrame, contract: Contract) -> dict[str, Any]:

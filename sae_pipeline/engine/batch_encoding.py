@@ -9,6 +9,7 @@ batch size: only ``chunk_rows`` rows are held at a time.
 Output of one batch (a Parquet dataset readable by pandas/pyarrow/Spark as is)::
 
     <output>/part-00000.parquet ...              row, [id], code_0.., reconstruction_error
+                                                 [, anomaly_score, is_anomaly]
     <output>/_quarantine/part-00000.parquet ...  rejected rows, _row, _quarantine_reason
     <output>/_manifest.json                       rows in/encoded/quarantined, model version
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from sae_pipeline import storage
 from sae_pipeline.data import batches
-from sae_pipeline.engine.encoder import ERROR_COLUMN, encode_rows
+from sae_pipeline.engine.encoder import ERROR_COLUMN, FLAG_COLUMN, SCORE_COLUMN, encode_rows
 from sae_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def output_schema(encoder, id_field=None):
         fields.append(id_field)
     fields += [pa.field(c, pa.float32()) for c in encoder.code_columns]
     fields.append(pa.field(ERROR_COLUMN, pa.float32()))
+    if encoder.anomaly is not None:  # the run fitted an anomaly detector
+        fields += [pa.field(SCORE_COLUMN, pa.float64()), pa.field(FLAG_COLUMN, pa.bool_())]
     return pa.schema(fields)
 
 
@@ -186,6 +189,8 @@ def encode_shard(
                     arrays.append(rb.column(id_field.name))
                 arrays += [pa.array(codes[:, j]) for j in range(codes.shape[1])]
                 arrays.append(pa.array(err))
+                if encoder.anomaly is not None:
+                    arrays += map(pa.array, encoder.anomaly_columns(x))
                 writer.write_batch(pa.record_batch(arrays, schema=schema))
             counts["rows_in"] += n
             counts["rows_encoded"] += len(x)

@@ -6,7 +6,7 @@ monitor encodes its reference with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,8 +18,9 @@ from sae_pipeline.engine.net import StackedAutoencoderNet
 from sae_pipeline.engine.trainer import encode_array, reconstruct_array
 from sae_pipeline.errors import DataError
 
-OUTPUTS = ("codes", "reconstruction_error", "all")
+OUTPUTS = ("codes", "reconstruction_error", "all", "anomaly")
 ERROR_COLUMN = "reconstruction_error"
+SCORE_COLUMN, FLAG_COLUMN = "anomaly_score", "is_anomaly"
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Encoder:
     contract: Contract
     scaler: Any
     net: StackedAutoencoderNet
+    # ``SAEAnomalyDetector.to_state()`` (metadata, arrays) when the run fitted a detector.
+    anomaly: tuple[dict[str, Any], dict[str, np.ndarray]] | None = field(default=None)
 
     @property
     def code_columns(self) -> list[str]:
@@ -41,11 +44,23 @@ class Encoder:
             raise DataError(f"input lacks feature column(s) of the contract: {', '.join(missing)}")
         return frame[self.contract.feature_columns].to_numpy(dtype=np.float64)
 
+    def anomaly_columns(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(anomaly_score (rows,), is_anomaly (rows,)) of raw feature rows: the detector's
+        outlyingness (higher = stranger) and whether it passes the fitted threshold."""
+        from sae_pipeline.engine._anomaly_ops import state_outlyingness
+
+        if self.anomaly is None:
+            raise ValueError("this encoder has no anomaly detector (anomaly.enabled was off)")
+        meta, arrays = self.anomaly
+        score = state_outlyingness(meta, arrays, raw)
+        return score, score > meta["threshold"]
+
     def transform(self, frame: pd.DataFrame, output: str = "codes") -> pd.DataFrame:
-        """Codes (and/or per-row reconstruction error) for a frame of raw features."""
-        if output not in OUTPUTS:
+        """Codes, per-row reconstruction error and/or anomaly columns for raw features."""
+        if output not in OUTPUTS or (output == "anomaly" and self.anomaly is None):
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        x = apply_scaler(self.scaler, self.features(frame))
+        raw = self.features(frame)
+        x = apply_scaler(self.scaler, raw)
         result = pd.DataFrame(index=frame.index)
         if output in ("codes", "all"):
             codes = encode_array(self.net, x)
@@ -53,6 +68,8 @@ class Encoder:
         if output in ("reconstruction_error", "all"):
             recon = reconstruct_array(self.net, x)
             result["reconstruction_error"] = np.mean((recon - x) ** 2, axis=1)
+        if output in ("all", "anomaly") and self.anomaly is not None:
+            result[SCORE_COLUMN], result[FLAG_COLUMN] = self.anomaly_columns(raw)
         return result
 
 

@@ -3,7 +3,7 @@
     from sae_pipeline import StackedAutoencoder
     sae = StackedAutoencoder(hidden_dims=(256, 64, 10), random_state=0).fit(X)
     codes = sae.transform(X)            # (n, 10)
-    scores = sae.score_samples(X)       # per-row reconstruction error: the anomaly score
+    errors = sae.reconstruction_error(X)  # per-row reconstruction error (higher = stranger)
 
 ``fit`` runs greedy layer-wise pretraining, then end-to-end fine-tuning, and (with
 ``supervised=True`` and labels) a final phase that trains the encoder with a classifier head.
@@ -259,10 +259,15 @@ class StackedAutoencoder(TransformerMixin, BaseEstimator):
     def reconstruct(self, X) -> np.ndarray:
         return trainer.reconstruct_array(self.net_, self._x(X))
 
-    def score_samples(self, X) -> np.ndarray:
-        """Per-row mean squared reconstruction error: the anomaly score (higher = stranger)."""
+    def reconstruction_error(self, X) -> np.ndarray:
+        """Per-row mean squared reconstruction error (higher = stranger)."""
         x = self._x(X)
         return np.mean((trainer.reconstruct_array(self.net_, x) - x) ** 2, axis=1)
+
+    def score_samples(self, X) -> np.ndarray:
+        """Normality per row, scikit-learn's outlier convention (higher = more normal): the
+        negated reconstruction error. ``SAEAnomalyDetector`` is the tuned anomaly detector."""
+        return -self.reconstruction_error(X)
 
     def get_layer_codes(self, X) -> list[np.ndarray]:
         """Every layer's features: [h1 (n, d1), h2 (n, d2), ..., code (n, dL)]."""

@@ -58,7 +58,7 @@ def score_candidate(
     from sae_pipeline.engine.estimator import StackedAutoencoder
 
     sae = StackedAutoencoder(**params).fit(x_train)
-    scores = {"val_mse": float(np.mean(sae.score_samples(x_val)))}
+    scores = {"val_mse": float(np.mean(sae.reconstruction_error(x_val)))}
     if y_train is not None and y_val is not None:
         scores["probe_accuracy"] = probe_accuracy(
             sae.transform(x_train), y_train, sae.transform(x_val), y_val, probe_max_iter

@@ -1,4 +1,5 @@
-"""Drift between a batch and the champion's training reference, on three signals.
+"""Drift between a batch and the champion's training reference, on three signals (four with
+an anomaly detector).
 
 - ``raw``: the contract's feature columns as they arrive;
 - ``codes``: the champion's codes of those rows (what downstream consumers actually use);
@@ -6,8 +7,12 @@
   reconstructs rows like its training data well, so a batch whose errors are distributed
   differently is one the model does not describe.
 
-Each signal is one Evidently ``DataDriftPreset`` report (a stat test per column, chosen by
-Evidently from the column's type and size unless the policy names one); its *drift share* is
+- ``flagged_share``: when the champion has an anomaly detector, the share of rows it flags
+  against the share it flagged in training (``monitoring/flagged.py``; a binomial test).
+
+Each of the first three signals is one Evidently ``DataDriftPreset`` report (a stat test per
+column, chosen by Evidently from the column's type and size unless the policy names one); its
+*drift share* is
 the share of the signal's columns that drifted. The policy (``DriftPolicy``) says when that
 counts as drift and what to do about it; ``decide`` applies it and gives the reason in words.
 Nothing here touches MLflow, Airflow or the artifact store (see ``monitoring``).
@@ -25,10 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sae_pipeline.errors import ConfigError
 from sae_pipeline.monitoring.downstream import DownstreamPolicy
+from sae_pipeline.monitoring.flagged import FLAG_COLUMN, FLAGGED, describe
 from sae_pipeline.monitoring.review import ReviewPolicy
 
-SIGNALS = ("raw", "codes", "reconstruction_error")
-Signal = Literal["raw", "codes", "reconstruction_error"]
+EVIDENTLY_SIGNALS = ("raw", "codes", "reconstruction_error")
+SIGNALS = (*EVIDENTLY_SIGNALS, FLAGGED)
+Signal = Literal["raw", "codes", "reconstruction_error", "flagged_share"]
 Share = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
@@ -46,7 +53,9 @@ class SignalPolicy(BaseModel):
         "'wasserstein'); default: Evidently's choice by column type and row count.",
     )  # fmt: skip
     threshold: float | None = Field(
-        None, description="The stat test's per-column threshold; default: the test's own."
+        None,
+        description="The stat test's per-column threshold; default: the test's own "
+        "(flagged_share: the binomial test's alpha, default 0.001).",
     )
 
 
@@ -120,20 +129,24 @@ def load_policy(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"invalid drift policy: {where}: {first['msg']}{shown}") from None
 
 
-# ---- the three signals ------------------------------------------------------------------------
+# ---- the signals ------------------------------------------------------------------------
 def signal_frames(encoder, features) -> dict[str, Any]:
-    """The three signals of a frame of raw features, each a frame (one column per variable)."""
+    """The signals of a frame of raw features, each a frame (one column per variable)."""
     import pandas as pd
 
     from sae_pipeline.engine.encoder import ERROR_COLUMN, encode_rows
 
     raw = features[encoder.contract.feature_columns].reset_index(drop=True)
-    codes, err = encode_rows(encoder, raw.to_numpy(dtype=np.float64))
-    return {
+    x = raw.to_numpy(dtype=np.float64)
+    codes, err = encode_rows(encoder, x)
+    frames = {
         "raw": raw,
         "codes": pd.DataFrame(codes, columns=encoder.code_columns),
         "reconstruction_error": pd.DataFrame({ERROR_COLUMN: err}),
     }
+    if getattr(encoder, "anomaly", None) is not None:
+        frames[FLAGGED] = pd.DataFrame({FLAG_COLUMN: encoder.anomaly_columns(x)[1]})
+    return frames
 
 
 def run_report(current, reference, policy: DriftPolicy, signal: str):
@@ -258,7 +271,10 @@ def decide(results: dict[str, dict[str, Any]], rows: int, policy: DriftPolicy) -
         if r is None:
             continue
         rel = ">=" if r["drifted"] else "<"
-        parts.append(f"{name} {r['drift_share']:.2f} {rel} {r['share_threshold']:.2f}")
+        if "observed_share" in r:  # flagged_share: a count against its expected share
+            parts.append(f"{name}: {describe(r)}")
+        else:
+            parts.append(f"{name} {r['drift_share']:.2f} {rel} {r['share_threshold']:.2f}")
         if r["drifted"]:
             drifted.append(name)
     shares = ", ".join(parts)
@@ -298,6 +314,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- model: {summary['model_name']} v{summary['model_version']}",
     ]
     for name, r in summary["signals"].items():
+        if "observed_share" in r:
+            lines.append(f"- {name}: {describe(r)}")
+            continue
         top = f"; most drifted: {', '.join(r['top_columns'])}" if r["top_columns"] else ""
         lines.append(
             f"- {name}: drift share {r['drift_share']:.2f} "

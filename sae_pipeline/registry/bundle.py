@@ -4,7 +4,8 @@ Two models per SAE, both MLflow models-from-code with no pickle inside:
 
 * the **encoder bundle**: ``_model_code/encoder_model.py`` + ``weights.npz`` (state_dict arrays)
   + ``encoder.json`` (architecture, contract, scaler state, outputs, optional ``anomaly`` and
-  ``probe`` sections); raw features in, codes / reconstruction error out;
+  ``probe`` sections) + with a fitted ``SAEAnomalyDetector``, ``anomaly.npz`` (its arrays);
+  raw features in, codes / reconstruction error / anomaly score out;
 * the **scaler**: ``_model_code/scaler_model.py`` + ``scaler.json``.
 
 Their code travels in the model (``code_paths``) and their requirements are public pins, so
@@ -61,6 +62,8 @@ def encoder_config(
         "scaler": to_state(encoder.scaler),
         "default_output": "codes",
     }
+    if anomaly is None and encoder.anomaly is not None:
+        anomaly = encoder.anomaly[0]  # the detector's metadata; its arrays go to anomaly.npz
     if anomaly is not None:
         config["anomaly"] = dict(anomaly)
     if probe is not None:
@@ -76,7 +79,11 @@ def write_encoder_bundle(encoder: Encoder, directory: str | Path, **sections: An
     np.savez(d / "weights.npz", **arrays)
     config = encoder_config(encoder, **sections)
     (d / "encoder.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
-    return {"config": str(d / "encoder.json"), "weights": str(d / "weights.npz")}
+    files = {"config": str(d / "encoder.json"), "weights": str(d / "weights.npz")}
+    if encoder.anomaly is not None and "anomaly" not in sections:
+        np.savez(d / "anomaly.npz", **encoder.anomaly[1])
+        files["anomaly"] = str(d / "anomaly.npz")
+    return files
 
 
 def write_scaler_bundle(encoder: Encoder, directory: str | Path) -> dict[str, str]:
@@ -93,13 +100,19 @@ def write_scaler_bundle(encoder: Encoder, directory: str | Path) -> dict[str, st
 
 # ---- reading (in this repository) ---------------------------------------------------------
 def encoder_from_files(config_path: str | Path, weights_path: str | Path) -> Encoder:
-    """The engine's ``Encoder`` from a bundle's encoder.json and weights.npz."""
+    """The engine's ``Encoder`` from a bundle's encoder.json and weights.npz (and the
+    detector's anomaly.npz beside them, when encoder.json has a detector section)."""
     config = runtime.read_json(config_path)
     if config.get("format") != runtime.FORMAT:
         raise RegistryError(f"{config_path}: not an encoder bundle ({config.get('format')!r})")
     net = StackedAutoencoderNet(Architecture(**config["arch"]))
     net.load_state_dict(runtime.load_weights(weights_path))
-    return Encoder(Contract.from_dict(config["contract"]), from_state(config["scaler"]), net.eval())
+    anomaly = None
+    section = config.get("anomaly") or {}
+    if section.get("kind") == runtime.DETECTOR_KIND:
+        anomaly = (section, runtime.load_arrays(Path(config_path).with_name("anomaly.npz")))
+    contract, scaler = Contract.from_dict(config["contract"]), from_state(config["scaler"])
+    return Encoder(contract, scaler, net.eval(), anomaly)
 
 
 def load_encoder(model_uri: str) -> Encoder:
@@ -136,15 +149,20 @@ def encoder_json(model_uri: str) -> dict[str, Any]:
 
 
 # ---- logging -----------------------------------------------------------------------------------
-def _signature(columns: list[str], param: str, default: str, dtype: str = "float"):
+def _signature(
+    columns: list[str], param: str, default: str, dtype: str = "float", extra: dict | None = None
+):
     """Outputs and params only: with no input schema MLflow hands the request to predict,
-    whose validation answers bad input with a 400 that names the problem."""
+    whose validation answers bad input with a 400 that names the problem. ``extra``: more
+    output columns, name -> type."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+    specs = [ColSpec(dtype, c, required=False) for c in columns]
+    specs += [ColSpec(t, c, required=False) for c, t in (extra or {}).items()]
     return ModelSignature(
         inputs=None,
-        outputs=Schema([ColSpec(dtype, c, required=False) for c in columns]),
+        outputs=Schema(specs),
         params=ParamSchema([ParamSpec(param, "string", default)]),
     )
 
@@ -182,17 +200,24 @@ def log_encoder_model(encoder: Encoder, example, registered_name: str, tags: dic
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = write_encoder_bundle(encoder, tmp, **sections)
         # The bundle must give the trained encoder's codes before anything is registered.
-        bundle = runtime.EncoderBundle.load(artifacts["config"], artifacts["weights"])
+        bundle = runtime.EncoderBundle.load(
+            artifacts["config"], artifacts["weights"], artifacts.get("anomaly")
+        )
         got = bundle.transform(example, "all")
         want = encoder.transform(example, "all")
-        if not np.allclose(got[want.columns].to_numpy(), want.to_numpy(), rtol=1e-5, atol=1e-6):
+        if not (
+            np.allclose(
+                got[want.columns].to_numpy(float), want.to_numpy(float), rtol=1e-5, atol=1e-6
+            )
+        ):
             raise RegistryError("the encoder bundle does not reproduce the encoder's outputs")
         columns = [*encoder.code_columns, runtime.ERROR_COLUMN]
+        extra = {"anomaly_score": "double", "is_anomaly": "boolean"} if bundle.anomaly else None
         return _log(
             "encoder",
             ENCODER_FILE,
             artifacts,
-            signature=_signature(columns, "output", "codes"),
+            signature=_signature(columns, "output", "codes", extra=extra),
             input_example=(example.head(5), {"output": "codes"}),
             registered_model_name=registered_name,
             tags=tags,

@@ -152,3 +152,38 @@ def split_indices(ref: ModelRef) -> dict[str, Any] | None:
 def config_uri(ref: ModelRef) -> str:
     """The resolved config the version was trained with (JSON, which YAML readers accept)."""
     return storage.join(ref.run_dir, "config.json")
+
+
+def reference_rows(ref: ModelRef, features: list[str], n: int | None, seed: int):
+    """(raw features float64, held-out mask) of the rows the drift reference is built from.
+
+    ``n`` rows (every row when None or 0) of the version's training snapshot, with whether
+    each was held out (its run's validation or test part). A run that streamed its training
+    (``split/plan.json`` in stream mode) gets a seeded sample found from row positions alone
+    and read row group by row group, so the reference's cost is O(n), whatever the snapshot's
+    size; an in-memory run (small data) is read whole and sampled as before.
+    """
+    import numpy as np
+
+    from sae_pipeline.data import parts
+
+    plan_uri = storage.join(ref.run_dir, "split", "plan.json")
+    plan = storage.read_json(plan_uri) if storage.exists(plan_uri) else {"mode": "memory"}
+    if plan["mode"] == "stream":
+        units = parts.units(parts.snapshot_files(snapshot_dir(ref), validate_manifest(ref)))
+        total = sum(u.rows for u in units)
+        positions = parts.sample_positions(total, n or total, seed)
+        split = parts.HashSplit(**{k: v for k, v in plan["split"].items() if k != "method"})
+        heldout = split.parts_of(positions.astype(np.uint64)) != 0
+        return parts.read_positions(units, features, positions), heldout
+    snapshot = training_snapshot(ref)
+    split = split_indices(ref)
+    heldout = np.zeros(len(snapshot), dtype=bool)
+    if split is not None:
+        heldout[np.concatenate([split["val"], split["test"]])] = True
+    else:
+        heldout[:] = True  # no split stored: the best available is every row
+    keep = np.arange(len(snapshot))
+    if n and len(snapshot) > n:
+        keep = np.sort(np.random.default_rng(seed).choice(len(snapshot), n, replace=False))
+    return snapshot[features].to_numpy(dtype=np.float64)[keep], heldout[keep]

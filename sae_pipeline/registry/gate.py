@@ -89,6 +89,61 @@ def without_rows(data: dict[str, Any], seen: np.ndarray) -> tuple[dict[str, Any]
     return out, int((~keep).sum())
 
 
+def trained_among(ref, x: np.ndarray, features: list[str]) -> np.ndarray:
+    """Which rows of ``x`` (by content) the registered version ``ref`` fitted or early-stopped
+    on: the rows of its training and validation parts (every row of its snapshot when its run
+    stored no split).
+
+    Streams the version's snapshot one row group at a time and holds only the hashes of ``x``
+    (a fixed-size sample on large data), so its memory does not grow with either snapshot.
+    Rows are compared as float32 values, the precision streamed training reads.
+    """
+    from sae_pipeline import storage
+    from sae_pipeline.data import batches, parts
+    from sae_pipeline.registry import champion
+
+    def hashes(rows: np.ndarray) -> np.ndarray:
+        return row_hashes(np.asarray(rows, dtype=np.float32).astype(np.float64))
+
+    found = np.zeros(len(x), dtype=bool)
+    if not len(x):
+        return found
+    targets = hashes(x)
+    snap = champion.snapshot_dir(ref)
+    units = parts.units(parts.snapshot_files(snap, champion.validate_manifest(ref)))
+    plan_uri = storage.join(ref.run_dir, "split", "plan.json")
+    plan = storage.read_json(plan_uri) if storage.exists(plan_uri) else {"mode": "memory"}
+    split, seen_rows = None, None
+    if plan["mode"] == "stream":
+        split = parts.HashSplit(**{k: v for k, v in plan["split"].items() if k != "method"})
+    else:
+        idx = champion.split_indices(ref)
+        if idx is not None:
+            seen_rows = np.zeros(sum(u.rows for u in units), dtype=bool)
+            seen_rows[np.concatenate([idx["train"], idx["val"]])] = True
+    for u in units:
+        start = u.first_row
+        for rb in batches.iter_chunks([u.file], features, 65_536, {u.file: [u.group]}):
+            keep = np.ones(rb.num_rows, dtype=bool)
+            if split is not None:
+                keep = ~split.mask("test", start, rb.num_rows)
+            elif seen_rows is not None:
+                keep = seen_rows[start : start + rb.num_rows]
+            start += rb.num_rows
+            if keep.any():
+                found |= np.isin(targets, hashes(batches.feature_matrix(rb, features)[keep]))
+    return found
+
+
+def without_mask(data: dict[str, Any], drop: np.ndarray) -> tuple[dict[str, Any], int]:
+    """``data`` without the test rows ``drop`` marks; and how many were left out."""
+    keep = ~drop
+    out = {**data, "x_test": data["x_test"][keep]}
+    if data.get("y_test") is not None:
+        out["y_test"] = data["y_test"][keep]
+    return out, int(drop.sum())
+
+
 def on_test_split(
     challenger, champion, data: dict[str, Any], probe_max_iter: int = 5000, excluded: int = 0
 ) -> tuple[dict[str, float], dict[str, float], str] | None:

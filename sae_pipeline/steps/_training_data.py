@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 def ingest(ctx: dict[str, Any]) -> dict[str, Any]:
     """Read the source once and keep it, as read, as the run's raw copy; the source is only read."""
     from sae_pipeline.data.contract import content_hash
+    from sae_pipeline.data.ingest import copy_raw, open_stream
     from sae_pipeline.data.snapshot import parquet_bytes, parquet_safe
     from sae_pipeline.data.sources import describe_source, read_source, source_format
 
@@ -25,6 +26,20 @@ def ingest(ctx: dict[str, Any]) -> dict[str, Any]:
     manifest_uri = _uri(ctx, "ingest", "manifest.json")
     if storage.exists(manifest_uri):
         return storage.read_json(manifest_uri)
+    stream = open_stream(cfg.data)  # a large Parquet source: copied chunk by chunk
+    if stream is not None:
+        raw = copy_raw(stream, _uri(ctx, "ingest", "raw"), cfg.data.snapshot_shard_rows)
+        manifest = {
+            "raw": _uri(ctx, "ingest", "raw"),
+            "mode": "stream",
+            "rows_in": raw["rows"],
+            "raw_hash": raw["hash"],
+            "source": describe_source(cfg.data.source),
+            "source_format": source_format(cfg.data),
+        }
+        storage.write_json(manifest_uri, manifest)
+        log.info("ingested %d rows from %s (streamed)", raw["rows"], manifest["source"])
+        return manifest
     frame = parquet_safe(read_source(cfg.data))
     storage.write_bytes(out, parquet_bytes(frame))
     manifest = {
@@ -53,16 +68,18 @@ def validate(ctx: dict[str, Any]) -> dict[str, Any]:
     if storage.exists(storage.join(out_dir, snapshot.MANIFEST)):
         return snapshot.summary(snapshot.read_manifest(out_dir), out_dir)
     raw = storage.read_json(_uri(ctx, "ingest", "manifest.json"))
-    frame = storage.read_parquet(raw["raw"])
     contract = snapshot.load_contract(cfg.data.contract) if cfg.data.contract else None
-    manifest = snapshot.write_snapshot(
-        frame,
-        cfg.data,
-        out_dir,
-        contract,
-        source=raw.get("source"),
-        source_format=raw.get("source_format"),
-    )
+    where = {"source": raw.get("source"), "source_format": raw.get("source_format")}
+    if raw.get("mode") == "stream":
+        from sae_pipeline.data.ingest import CHUNK_ROWS, write_snapshot_stream
+        from sae_pipeline.data.sources import ParquetStream
+
+        log.info("validate: the raw copy is checked in chunks of %d rows", CHUNK_ROWS)
+        stream = ParquetStream(raw["raw"], CHUNK_ROWS)
+        manifest = write_snapshot_stream(stream, cfg.data, out_dir, contract, **where)
+    else:
+        frame = storage.read_parquet(raw["raw"])
+        manifest = snapshot.write_snapshot(frame, cfg.data, out_dir, contract, **where)
     result = snapshot.summary(manifest, out_dir)
     log.info(
         "validated %d rows in: %d accepted, %d quarantined; snapshot %s",

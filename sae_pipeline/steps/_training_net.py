@@ -255,14 +255,17 @@ def load_trained(ctx: dict[str, Any], which: str = "model"):
 
 
 def load_encoder(ctx: dict[str, Any]):
-    """The run's trained ``Encoder``: contract, fitted scaler and fine-tuned network."""
+    """The run's trained ``Encoder``: contract, fitted scaler, fine-tuned network and (with
+    ``anomaly.enabled``) the fitted anomaly detector."""
     from sae_pipeline.data.contract import Contract
     from sae_pipeline.data.scaling import from_state
     from sae_pipeline.engine.encoder import Encoder
+    from sae_pipeline.steps._training_anomaly import detector_state
 
     manifest = storage.read_json(_uri(ctx, "validate", "manifest.json"))
     return Encoder(
         Contract.from_dict(manifest["contract"]),
         from_state(storage.read_json(_uri(ctx, "scaler", "scaler.json"))),
         load_trained(ctx),
+        detector_state(ctx),
     )

@@ -24,11 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sae_pipeline import storage
 from sae_pipeline.data import batches
-from sae_pipeline.monitoring.drift import SIGNALS, DriftPolicy
+from sae_pipeline.monitoring.drift import EVIDENTLY_SIGNALS, DriftPolicy
 from sae_pipeline.registry import champion
 from sae_pipeline.registry.champion import ModelRef
 from sae_pipeline.steps._drift_decisions import decision_uri, earlier_decision
@@ -115,28 +113,19 @@ def reference(ctx: dict[str, Any]) -> dict[str, Any]:
     from sae_pipeline.engine.encoder import ERROR_COLUMN, encode_rows
 
     encoder = champion.load_encoder(ref)
-    snapshot = champion.training_snapshot(ref)
-    split = champion.split_indices(ref)
-    heldout = np.zeros(len(snapshot), dtype=bool)
-    if split is not None:
-        heldout[np.concatenate([split["val"], split["test"]])] = True
-    else:
-        heldout[:] = True  # no split stored: the best available is every row
-    keep = np.arange(len(snapshot))
-    if policy.sample_rows and len(snapshot) > policy.sample_rows:
-        rng = np.random.default_rng(policy.seed)
-        keep = np.sort(rng.choice(len(snapshot), policy.sample_rows, replace=False))
-    x = snapshot[encoder.contract.feature_columns].to_numpy(dtype=np.float64)[keep]
+    # A fixed-size seeded sample (streamed runs: read row group by row group).
+    features = encoder.contract.feature_columns
+    x, heldout = champion.reference_rows(ref, features, policy.sample_rows, policy.seed)
     codes, err = encode_rows(encoder, x)
-    frame = pd.DataFrame(x, columns=encoder.contract.feature_columns)
+    frame = pd.DataFrame(x, columns=features)
     frame[encoder.code_columns] = codes
     frame[ERROR_COLUMN] = err
-    frame[HELDOUT_COLUMN] = heldout[keep]
+    frame[HELDOUT_COLUMN] = heldout
     for batch in accepted:  # new rows to the model: held out, like the validation split
         rows, _ = batches.read_batch_sample(
             {"batch": batch}, encoder.contract.feature_columns, policy.sample_rows, policy.seed
         )
-        codes, err = encode_rows(encoder, rows.to_numpy(dtype=np.float64))
+        codes, err = encode_rows(encoder, rows.to_numpy(dtype="float64"))
         rows[encoder.code_columns] = codes
         rows[ERROR_COLUMN], rows[HELDOUT_COLUMN] = err, True
         frame = pd.concat([frame, rows], ignore_index=True)
@@ -162,6 +151,7 @@ def check(
     from sae_pipeline.engine.encoder import ERROR_COLUMN
     from sae_pipeline.monitoring.downstream import combine
     from sae_pipeline.monitoring.drift import decide, run_report, signal_frames, summary_markdown
+    from sae_pipeline.monitoring.flagged import FLAG_COLUMN, FLAGGED, flagged_share_result
     from sae_pipeline.steps._downstream import downstream_check
 
     out = check_dir(ctx)
@@ -197,7 +187,7 @@ def check(
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in SIGNALS:
+        for name in EVIDENTLY_SIGNALS:
             if not policy.signal(name).enabled or len(current_raw) == 0:
                 continue
             t0 = time.perf_counter()
@@ -210,10 +200,15 @@ def check(
             snapshot.save_json(str(Path(tmp) / f"{name}.json"))
             timings[f"save_{name}"] = time.perf_counter() - t0
             stage(f"{name} report")
+        if FLAGGED in current and policy.signal(FLAGGED).enabled and len(current_raw):
+            results[FLAGGED] = flagged_share_result(
+                current[FLAGGED][FLAG_COLUMN].to_numpy(),
+                encoder.anomaly[0]["expected_share"],
+                policy.signal(FLAGGED).threshold,
+            )
         downstream = downstream_check(ctx, encoder, policy)  # the probe, on labelled batches
-        decision = combine(
-            decide(results, counts["rows_valid"], policy), downstream, policy.retrain
-        )
+        decision = decide(results, counts["rows_valid"], policy)
+        decision = combine(decision, downstream, policy.retrain)
         summary = {
             "batch_key": ctx["batch"]["key"],
             "batch_files": ctx["batch"]["files"],
@@ -364,7 +359,7 @@ def run_check(ctx: dict[str, Any], progress: bool = False) -> dict[str, Any]:
         from tqdm import tqdm
 
         policy = _policy(ctx)
-        signals = sum(policy.signal(s).enabled for s in SIGNALS)
+        signals = sum(policy.signal(s).enabled for s in EVIDENTLY_SIGNALS)
         bar = tqdm(total=3 + signals, desc="drift check", unit="step")
     try:
         ref = reference(ctx)

@@ -16,6 +16,7 @@ from sae_pipeline import storage
 from sae_pipeline.config import PipelineConfig
 from sae_pipeline.registry.gate import gate_decision
 from sae_pipeline.steps._run import _uri, code_version, config_of, prepare
+from sae_pipeline.steps._training_anomaly import fit_anomaly
 from sae_pipeline.steps._training_data import (
     _dataset,
     _scaled,
@@ -63,12 +64,15 @@ __all__ = [
 
 # ---- evaluation and registry ------------------------------------------------------------------
 def evaluate(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Test reconstruction and probe accuracy: SAE codes vs raw features vs PCA."""
+    """Test reconstruction and probe accuracy: SAE codes vs raw features vs PCA; with
+    ``anomaly.enabled``, the anomaly detector first (``_training_anomaly.fit_anomaly``)."""
     from sae_pipeline.engine import trainer
     from sae_pipeline.engine.evaluation import evaluate_features, reconstruction_errors
     from sae_pipeline.registry import tracking
 
     cfg = config_of(ctx)
+    if cfg.anomaly.enabled:  # before register, which bundles the detector
+        fit_anomaly(ctx, load_trained(ctx, "model"))
     out = _uri(ctx, "evaluate", "metrics.json")
     if storage.exists(out):
         return storage.read_json(out)
@@ -189,12 +193,11 @@ def _common_evaluation(ctx: dict[str, Any], cfg: PipelineConfig, name: str, vers
     if not comparison.same_columns(challenger, champion):
         return NEEDS_REVIEW_COLUMNS
     ref = champions.resolve(cfg, version=version)
-    seen = comparison.trained_rows(
-        champions.training_snapshot(ref),
-        champions.split_indices(ref),
-        list(champion.contract.feature_columns),
-    )
-    data, excluded = comparison.without_rows(_dataset(ctx), seen)
+    # Streamed runs: _dataset holds fixed-size seeded samples, and the champion's snapshot is
+    # streamed past them, so the gate's cost does not grow with either data set.
+    data = _dataset(ctx)
+    trained = comparison.trained_among(ref, data["x_test"], list(champion.contract.feature_columns))
+    data, excluded = comparison.without_mask(data, trained)
     if len(data["x_test"]) == 0:
         return f"needs review: the champion trained on all {excluded} of the challenger's test rows"
     return comparison.on_test_split(

@@ -85,3 +85,14 @@ def test_robust_scaler_is_fitted_on_a_sample():
     x = np.random.default_rng(0).normal(size=(20_000, 3))
     scaler = fit_scaler_stream("robust", iter(()), sample=lambda: x[:5000])
     np.testing.assert_allclose(scaler.center_, np.median(x, axis=0), atol=0.05)
+
+
+def test_sample_positions_pick_the_rows_sample_part_picks_without_reading_them(shards):
+    """The drift reference's sample: positions from the row numbers alone, then read."""
+    positions = parts.sample_positions(3000, 200, seed=4, chunk=700)
+    _, cols = parts.sample_part(shards, COLUMNS, None, "train", 200, seed=4, extra=["i"])
+    np.testing.assert_array_equal(positions, cols["i"])
+    x = parts.read_positions(shards, [*COLUMNS, "i"], positions)
+    assert x.dtype == np.float64 and x.shape == (200, 6)
+    np.testing.assert_array_equal(x[:, -1], positions)
+    assert len(parts.sample_positions(3000, 10**6, seed=4)) == 3000

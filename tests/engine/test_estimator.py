@@ -39,8 +39,9 @@ def test_transform_inverse_score_and_layer_codes(digits):
     assert codes.shape == (50, 4) and codes.dtype == np.float32
     assert sae.inverse_transform(codes).shape == (50, 64)
     np.testing.assert_allclose(sae.inverse_transform(codes), sae.reconstruct(x[:50]), atol=1e-6)
-    scores = sae.score_samples(x[:50])
-    assert scores.shape == (50,) and (scores > 0).all()
+    errors = sae.reconstruction_error(x[:50])
+    assert errors.shape == (50,) and (errors > 0).all()
+    np.testing.assert_array_equal(sae.score_samples(x[:50]), -errors)  # higher = more normal
     layers = sae.get_layer_codes(x[:50])
     assert [h.shape[1] for h in layers] == [32, 16, 4]
     np.testing.assert_allclose(layers[-1], codes, atol=1e-6)

@@ -123,3 +123,33 @@ def test_mlflows_scoring_app_answers_bad_requests_with_400_and_a_plain_message(n
         assert r.status_code == 400, name
         assert message in body["message"] and "stack_trace" not in body, (name, body)
         assert json.dumps(row[1]) not in body["message"] or name == "non-numeric"
+
+
+def test_the_service_path_and_batch_encoding_give_the_same_codes(no_pickle, tmp_path):
+    """A held-out batch encoded through the registered pyfunc (what ``mlflow models serve``
+    loads) and through batch encoding (the version's bundle, streamed in chunks): the same
+    codes. bench/bench_scale.py checks the same on the model it trains on 16M rows."""
+    import mlflow.pyfunc
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sae_pipeline.data import batches
+    from sae_pipeline.engine import batch_encoding
+    from sae_pipeline.registry.champion import _load
+
+    reg = no_pickle
+    uri = f"models:/{reg['encoder_name']}@champion"
+    held_out = reg["frame"].sample(300, random_state=7).reset_index(drop=True)
+    served = mlflow.pyfunc.load_model(uri).predict(held_out)
+    pq.write_table(pa.Table.from_pandas(held_out), tmp_path / "b.parquet", row_group_size=64)
+    encoder = _load(reg["uri"], uri)
+    parts = []
+    for shard in batch_encoding.plan(batches.list_files(str(tmp_path / "b.parquet")), 128):
+        out = batch_encoding.encode_shard(
+            encoder, shard, str(tmp_path / f"o{shard['index']}.parquet"),
+            str(tmp_path / f"q{shard['index']}.parquet"), chunk_rows=50,
+        )  # fmt: skip
+        parts.append(pq.read_table(out["part"]).to_pandas())
+    batch = pd.concat(parts, ignore_index=True)[encoder.code_columns]
+    np.testing.assert_array_equal(batch.to_numpy(), served.to_numpy())  # bit for bit

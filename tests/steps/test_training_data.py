@@ -22,3 +22,23 @@ def test_an_unlabelled_batch_against_a_labelled_contract_splits(tmp_path):
     assert read_manifest(storage.join(run_dir, "validate"))["contract"]["label_column"] is None
     out = steps.split(ctx)  # was: KeyError 'target'
     assert out["rows_train"] + out["rows_val"] + out["rows_test"] == 60
+
+
+def test_large_parquet_sources_are_ingested_and_validated_in_chunks(tmp_path, store, caplog):
+    """The DAG's ingest and validate steps stream a Parquet source past
+    data.in_memory_max_bytes, and give the snapshot the in-memory steps give."""
+    import logging
+
+    src = tmp_path / "src.parquet"
+    clean_frame(n=400).to_parquet(src, index=False)
+    caplog.set_level(logging.INFO)
+    hashes = {}
+    for name, limit in (("memory", 2**30), ("stream", 0)):
+        overrides = {**store, "data.source": str(src), "data.in_memory_max_bytes": limit}
+        ctx = steps.prepare(f"run-{name}", None, overrides)
+        raw = steps.ingest(ctx)
+        assert raw.get("mode", "memory") == name
+        hashes[name] = (raw["raw_hash"], steps.validate(ctx)["content_hash"])
+        assert steps.split(ctx)["rows_train"] > 0
+    assert hashes["stream"] == hashes["memory"]
+    assert "streamed in chunks of 65536 rows" in caplog.text

@@ -3,7 +3,8 @@
 MLflow copies this file into the model and executes it at load time; ``set_model`` hands MLflow
 the instance. ``sae_model_runtime`` comes along through ``code_paths``. Loading reads
 ``artifacts["config"]`` (encoder.json) and ``artifacts["weights"]`` (weights.npz, read with
-``allow_pickle=False``): no pickle anywhere.
+``allow_pickle=False``) and, with a fitted detector, ``artifacts["anomaly"]`` (anomaly.npz, the
+same): no pickle anywhere.
 
 Request params: ``output`` = ``codes`` (default) | ``reconstruction_error`` | ``all`` (and
 ``anomaly`` when the bundle has an anomaly section).
@@ -20,7 +21,8 @@ from sae_model_runtime import EncoderBundle
 
 class EncoderModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        self.bundle = EncoderBundle.load(context.artifacts["config"], context.artifacts["weights"])
+        a = context.artifacts
+        self.bundle = EncoderBundle.load(a["config"], a["weights"], a.get("anomaly"))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         return self.bundle.predict(model_input, params)

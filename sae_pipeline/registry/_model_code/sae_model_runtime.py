@@ -8,13 +8,17 @@ An encoder bundle is two files:
 
 * ``weights.npz``: the network's ``state_dict`` as plain arrays (read with
   ``allow_pickle=False``: no unpickling of any kind);
+* ``anomaly.npz`` (only with a detector section): the detector's arrays, as ``weights.npz``;
 * ``encoder.json``: ``format``, ``arch`` (the ``Architecture`` fields), ``contract`` (feature
   columns first), ``scaler`` (``sae_pipeline.data.scaling.to_state``), ``default_output`` and
   optional sections. Readers ignore keys they do not know; a change of meaning bumps
   ``format``. Optional sections:
 
   - ``anomaly``: ``{"center": c, "scale": s, "threshold": t}``: ``anomaly_score`` =
-    (reconstruction_error - c) / s and ``is_anomaly`` = score > t;
+    (reconstruction_error - c) / s and ``is_anomaly`` = score > t; or, with ``"kind":
+    "sae-ensemble/1"``, the metadata of ``SAEAnomalyDetector.to_state`` (its arrays in
+    ``anomaly.npz``): ``anomaly_score`` = the detector's outlyingness of the raw rows (minus its
+    ``score_samples``) and ``is_anomaly`` = score > its ``threshold``;
   - ``probe``: ``{"classes": [...], "coef": [[...]] (classes, code), "intercept": [...]}``: a
     linear classifier on the codes, ``probe_label`` = the arg-max class.
 
@@ -259,6 +263,42 @@ class Net:
         return code, recon
 
 
+# ---- the anomaly detector (a copy of sae_pipeline.engine._anomaly_ops.state_outlyingness) -------
+DETECTOR_KIND = "sae-ensemble/1"
+
+
+def _kth_distance(q: np.ndarray, p: np.ndarray, k: int, chunk: int = 4096) -> np.ndarray:
+    """Euclidean distance from each row of ``q`` to its k-th nearest row of ``p``."""
+    p2 = np.sum(p**2, axis=1)
+    out = np.empty(len(q))
+    for i in range(0, len(q), chunk):
+        d2 = np.sum(q[i : i + chunk] ** 2, axis=1)[:, None] + p2 - 2.0 * q[i : i + chunk] @ p.T
+        out[i : i + chunk] = np.sqrt(np.partition(np.maximum(d2, 0.0), k - 1, axis=1)[:, k - 1])
+    return out
+
+
+def detector_outlyingness(meta: dict, arrays: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Outlyingness of raw rows (higher = stranger): members' normalised error and code kNN."""
+    xs = (np.asarray(x, dtype=np.float64) - arrays["center"]) / arrays["scale"]  # (rows, d)
+    norms, w, n = arrays["norms"], float(meta["knn_weight"]), int(meta["n_members"])
+    total = np.zeros(len(xs))
+    for i in range(n):
+        w1, b1, w2, b2, v2, c2, v1, c1 = (arrays[f"m{i}.w{j}"] for j in range(8))
+        code = np.maximum(xs @ w1.T + b1, 0.0) @ w2.T + b2  # (rows, code)
+        recon = np.maximum(code @ v2.T + c2, 0.0) @ v1.T + c1  # (rows, d)
+        err = np.log1p(np.mean((recon - xs) ** 2 / arrays[f"m{i}.feature_error"], axis=1))
+        ref = arrays[f"m{i}.codes"]
+        knn = np.log1p(_kth_distance(code, ref, min(int(meta["n_neighbors"]), len(ref))))
+        total += (1.0 - w) * (err - norms[i, 0, 0]) / norms[i, 0, 1]
+        total += w * (knn - norms[i, 1, 0]) / norms[i, 1, 1]
+    return (total / n - meta["score_center"]) / meta["score_scale"]
+
+
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: np.array(z[k]) for k in z.files}
+
+
 # ---- the bundles --------------------------------------------------------------------------------
 def read_json(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -267,7 +307,12 @@ def read_json(path: str | Path) -> dict[str, Any]:
 class EncoderBundle:
     """Raw feature frame in; codes, reconstruction error (and optional sections) out."""
 
-    def __init__(self, config: dict[str, Any], weights: dict[str, torch.Tensor]):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        weights: dict[str, torch.Tensor],
+        detector: dict[str, np.ndarray] | None = None,
+    ):
         if config.get("format") != FORMAT:
             raise ValueError(f"not an encoder bundle of format {FORMAT}: {config.get('format')!r}")
         self.config = config
@@ -277,6 +322,9 @@ class EncoderBundle:
         if not len(self.feature_columns) == self.scaler.n_features == self.net.dims[0]:
             raise ValueError("feature columns, scaler and network input sizes disagree")
         self.anomaly = config.get("anomaly")
+        self.detector = detector
+        if self.anomaly and self.anomaly.get("kind") == DETECTOR_KIND and detector is None:
+            raise ValueError("the anomaly section needs the detector's arrays (anomaly.npz)")
         self.probe = config.get("probe")
         if self.probe is not None:
             self._probe_coef = np.asarray(self.probe["coef"], dtype=np.float64)
@@ -291,8 +339,14 @@ class EncoderBundle:
         self.default_output = config.get("default_output", "codes")
 
     @classmethod
-    def load(cls, config_path: str | Path, weights_path: str | Path) -> EncoderBundle:
-        return cls(read_json(config_path), load_weights(weights_path))
+    def load(
+        cls,
+        config_path: str | Path,
+        weights_path: str | Path,
+        anomaly_path: str | Path | None = None,
+    ) -> EncoderBundle:
+        detector = load_arrays(anomaly_path) if anomaly_path else None
+        return cls(read_json(config_path), load_weights(weights_path), detector)
 
     @property
     def code_columns(self) -> list[str]:
@@ -325,7 +379,10 @@ class EncoderBundle:
                 parts[ERROR_COLUMN] = err
             if self.anomaly and output in ("all", "anomaly"):
                 a = self.anomaly
-                score = (err.astype(np.float64) - a.get("center", 0.0)) / a.get("scale", 1.0)
+                if a.get("kind") == DETECTOR_KIND:  # the detector reads the raw rows
+                    score = detector_outlyingness(a, self.detector, x)
+                else:
+                    score = (err.astype(np.float64) - a.get("center", 0.0)) / a.get("scale", 1.0)
                 parts["anomaly_score"] = score
                 parts["is_anomaly"] = score > a["threshold"]
         if self.probe and output in ("all", "probe"):
