@@ -20,13 +20,22 @@ version, drift share per signal, decision and reason.
   config>, ...}`; the scheduler starts it. That run registers a `challenger`, which becomes
   `champion` only if it passes the gate on a common evaluation set; the decision and its
   reason are tagged on the new version. Without drift both tasks are skipped.
+- **Review** (the policy's `review`, or the `review` param): under `required`, a drift
+  decision waits at the `review` task (Airflow's *Required actions*, or `PATCH .../hitlDetails`)
+  for a person to choose **retrain**, **accept** (the batch becomes the new normal) or
+  **dismiss**; the body is the check's summary with links to the reports and the MLflow run.
+  No answer within `timeout_hours` takes the policy's `default`. The choice, who made it and
+  when are tagged on the check's MLflow run and on the retrained version (`sae.review.*`).
+  Under `auto` (the default) the task passes straight through.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import pendulum
+from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
@@ -45,6 +54,28 @@ SCHEDULE = AssetOrTimeSchedule(
 
 def _optional(kind: str, doc: str) -> Param:
     return Param(None, type=["null", kind], description=doc)
+
+
+class DriftReview(HITLOperator):
+    """A person's choice on a drift decision; passes straight through when none is needed.
+
+    What to ask (subject, body, default, timeout) is known only after the check, so it is read
+    from the `review_request` task's result at run time.
+    """
+
+    def execute(self, context):
+        req = context["ti"].xcom_pull(task_ids="review_request")
+        if not req or not req["required"]:
+            return {}
+        self.subject, self.body = req["subject"], req["body"]
+        self.defaults = [req["default"]]
+        # A plain timedelta: the task runner serializes it when it parks the task.
+        self.response_timeout = datetime.timedelta(seconds=req["timeout_s"])
+        return super().execute(context)
+
+    def execute_complete(self, context, event):
+        answer = super().execute_complete(context, event)
+        return {**answer, "responded_at": answer["responded_at"].isoformat()}
 
 
 @dag(
@@ -70,6 +101,12 @@ def _optional(kind: str, doc: str) -> Param:
         "min_rows": _optional("integer", "Fewer valid rows: reported, not judged."),
         "sample_rows": _optional("integer", "Rows the tests see (0 = all)."),
         "retrain": Param(None, type=["null", "boolean"], description="Retrain on drift."),
+        "review": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, "auto", "required"],
+            description="Drift decisions wait for a person (required) or not (auto).",
+        ),
         "monitoring_experiment": _optional("string", "MLflow experiment of the checks."),
         "config_path": _optional("string", "YAML config; default: $SAE_CONFIG or the demo's."),
         "artifacts_root": _optional("string", "Artifact store root (folder or fsspec URL)."),
@@ -117,6 +154,20 @@ def sae_drift_monitor():
 
         return monitoring.check(ctx, ref)
 
+    @task
+    def review_request(ctx: dict, summary: dict) -> dict:
+        """What the reviewer is asked, or that the policy decides alone."""
+        from sae_pipeline.steps import review
+
+        return review.request(ctx, summary)
+
+    @task
+    def record_review(ctx: dict, summary: dict, answer: dict | None) -> dict:
+        """The choice, who made it and when: on the MLflow run and in the store."""
+        from sae_pipeline.steps import review
+
+        return review.record(ctx, summary, answer)
+
     @task.short_circuit
     def retraining_conf(ctx: dict, summary: dict) -> dict | None:
         """The training conf (new data included) when retraining is due; else skip."""
@@ -125,7 +176,18 @@ def sae_drift_monitor():
         return monitoring.training_conf(ctx, summary)
 
     ctx = prepare()
-    conf = retraining_conf(ctx, check(ctx, reference(ctx)))
+    summary = check(ctx, reference(ctx))
+    answer = DriftReview(
+        task_id="review",
+        subject="Drift review",
+        options=["retrain", "accept", "dismiss"],
+        defaults="dismiss",
+        response_timeout=datetime.timedelta(hours=24),
+        execution_timeout=None,
+        retries=0,
+    )
+    review_request(ctx, summary) >> answer
+    conf = retraining_conf(ctx, record_review(ctx, summary, answer.output))
     # Queues the run; a scheduler starts it. Keyed by this run, so a retry never queues two.
     TriggerDagRunOperator(
         task_id="trigger_retraining",

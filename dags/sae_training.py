@@ -59,6 +59,11 @@ def _params() -> dict[str, Param]:
         "tracking_uri": optional("string", "MLflow tracking URI."),
         "encoder_model_name": optional("string", "Registered model name of the encoder."),
         "scaler_model_name": optional("string", "Registered model name of the scaler."),
+        "review": Param(
+            None,
+            type=["null", "object"],
+            description="The drift review behind this run (sae.review.* tags for the version).",
+        ),
     }
 
 
@@ -67,6 +72,11 @@ def overrides_from_params(params: dict) -> dict:
     out = {field: params.get(name) for name, field in PARAM_FIELDS.items()}
     out["training.finetune.batch_size"] = params.get("batch_size")
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _schedule(value: str) -> str | None:
+    """A cron expression or preset; ``none`` for triggered runs only (by drift, by hand)."""
+    return None if value.strip().lower() in ("", "none") else value
 
 
 def mark_mlflow_run_failed(context) -> None:
@@ -88,7 +98,7 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
 
     @dag(
         dag_id=dag_id,
-        schedule=os.environ.get("SAE_TRAINING_SCHEDULE", "@weekly"),
+        schedule=_schedule(os.environ.get("SAE_TRAINING_SCHEDULE", "@weekly")),
         start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
         catchup=False,
         max_active_runs=1,
@@ -183,10 +193,10 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
             return steps.evaluate(ctx)
 
         @task
-        def register(ctx: dict) -> dict:
+        def register(ctx: dict, params: dict | None = None) -> dict:
             from sae_pipeline.steps import training as steps
 
-            return steps.register(ctx)
+            return steps.register(ctx, review=params.get("review"))
 
         @task
         def promote(ctx: dict, registered: dict) -> dict:

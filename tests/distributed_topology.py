@@ -141,9 +141,16 @@ def _stop_all(procs: list[subprocess.Popen], timeout: float = 5) -> None:
 class Topology:
     """Start, drive and tear down the services of one distributed test session."""
 
-    def __init__(self, workdir: Path, config_path: Path):
+    def __init__(
+        self,
+        workdir: Path,
+        config_path: Path,
+        extra_env: dict[str, str] | None = None,
+        concurrency: dict[str, int] | None = None,
+    ):
         self.workdir = workdir
         self.config_path = config_path
+        self.concurrency = {queue: 1 for queue in WORKER_NAMES} | (concurrency or {})
         self.tag = secrets.token_hex(4)
         self.databases = {role: f"sae_{role}_{self.tag}" for role in ("airflow", "mlflow", "auth")}
         self.ports = {
@@ -154,13 +161,15 @@ class Topology:
         }
         self.redis_prefix = f"sae-test-{self.tag}:"
         self.airflow_password = secrets.token_urlsafe(16)
+        # A second, named user: the person who answers drift reviews.
+        self.passwords = {"admin": self.airflow_password, "reviewer": secrets.token_urlsafe(16)}
         self.mlflow_user, self.mlflow_password = "admin", secrets.token_urlsafe(16)
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self._token: str | None = None
+        self._tokens: dict[str, str] = {}
         self.timings: dict[str, float] = {}
-        self.env = self._env()
+        self.env = {**self._env(), **(extra_env or {})}
 
     # ---- configuration ------------------------------------------------------------------------
     def pg_url(self, role: str, driver: str = "postgresql+psycopg2") -> str:
@@ -184,7 +193,7 @@ class Topology:
         home = self.workdir / "airflow"
         home.mkdir(parents=True, exist_ok=True)
         passwords = home / "passwords.json"
-        passwords.write_text(json.dumps({"admin": self.airflow_password}))
+        passwords.write_text(json.dumps(self.passwords))
         bin_dir = str(Path(sys.executable).parent)
         env = {
             k: v
@@ -204,7 +213,7 @@ class Topology:
                 "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
                 "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,reviewer:op",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
                 "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
                 "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
@@ -300,7 +309,14 @@ class Topology:
         self._spawn(
             f"worker-{queue}",
             self._airflow(
-                *("celery", "worker", "--queues", queue, "--concurrency", "1"),
+                *(
+                    "celery",
+                    "worker",
+                    "--queues",
+                    queue,
+                    "--concurrency",
+                    str(self.concurrency[queue]),
+                ),
                 *("--celery-hostname", f"{queue}-{self.tag}@%h"),
             ),
             {
@@ -390,29 +406,32 @@ class Topology:
             client.close()
 
     # ---- Airflow REST API ---------------------------------------------------------------------
-    def token(self) -> str:
-        if self._token is None:
+    def token(self, user: str = "admin") -> str:
+        if user not in self._tokens:
             answer = http(
                 "POST",
                 f"{self.api_url}/auth/token",
-                {"username": "admin", "password": self.airflow_password},
+                {"username": user, "password": self.passwords[user]},
             )
-            self._token = answer["access_token"]
-        return self._token
+            self._tokens[user] = answer["access_token"]
+        return self._tokens[user]
 
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        headers = {"Authorization": f"Bearer {self.token()}"}
+    def api(self, method: str, path: str, body: Any = None, user: str = "admin") -> Any:
+        headers = {"Authorization": f"Bearer {self.token(user)}"}
         return http(method, f"{self.api_url}/api/v2{path}", body, headers)
 
-    def trigger(self, run_id: str, conf: dict[str, Any]) -> dict[str, Any]:
+    def trigger(self, run_id: str, conf: dict[str, Any], dag_id: str = DAG_ID) -> dict[str, Any]:
         body = {"dag_run_id": run_id, "logical_date": None, "conf": conf}
-        return self.api("POST", f"/dags/{DAG_ID}/dagRuns", body)
+        return self.api("POST", f"/dags/{dag_id}/dagRuns", body)
 
-    def dag_run(self, run_id: str) -> dict[str, Any]:
-        return self.api("GET", f"/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id)}")
+    def dag_run(self, run_id: str, dag_id: str = DAG_ID) -> dict[str, Any]:
+        return self.api("GET", f"/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id)}")
 
-    def task_instances(self, run_id: str) -> dict[str, dict[str, Any]]:
-        path = f"/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id)}/taskInstances"
+    def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
+        return self.api("GET", f"/dags/{dag_id}/dagRuns?order_by=run_after&limit=100")["dag_runs"]
+
+    def task_instances(self, run_id: str, dag_id: str = DAG_ID) -> dict[str, dict[str, Any]]:
+        path = f"/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id)}/taskInstances"
         return {ti["task_id"]: ti for ti in self.api("GET", path)["task_instances"]}
 
     def task_log(self, run_id: str, task_id: str, try_number: int) -> str:
@@ -422,16 +441,16 @@ class Topology:
         )
         return json.dumps(self.api("GET", path))
 
-    def wait_for_run(self, run_id: str, timeout: float) -> dict[str, Any]:
+    def wait_for_run(self, run_id: str, timeout: float, dag_id: str = DAG_ID) -> dict[str, Any]:
         def finished():
             self.check_alive()
-            run = self.dag_run(run_id)
+            run = self.dag_run(run_id, dag_id)
             return run if run["state"] in ("success", "failed") else None
 
         try:
             return wait_for(f"DAG run {run_id} to finish", finished, timeout, interval=1)
         except TimeoutError as err:
-            states = {t: ti["state"] for t, ti in self.task_instances(run_id).items()}
+            states = {t: ti["state"] for t, ti in self.task_instances(run_id, dag_id).items()}
             raise TimeoutError(f"{err}; task states {states}\n{self.diagnostics()}") from None
 
     # ---- MLflow REST API ----------------------------------------------------------------------

@@ -180,6 +180,10 @@ def format_loop(loop: dict[str, Any]) -> str:
                  f"retraining triggered: {clean['retrain_triggered']}")  # fmt: skip
     lines.append(f"  shifted batch: drift share {shares(shifted)} -> {shifted['decision']}; "
                  f"retraining triggered: {shifted['retrain_triggered']}")  # fmt: skip
+    lines.append(
+        "  review:        the monitor's `review` task; here the policy's `review: auto` let it "
+        "pass (with `review: required` a person chooses retrain, accept or dismiss there)"
+    )
     if "retraining" in loop:
         r = loop["retraining"]
         lines.append(

@@ -77,3 +77,39 @@ def evaluate_features(
             x_train, y_train, x_test, y_test, probe_max_iter
         )
     return metrics
+
+
+def fit_probe(
+    f_train: np.ndarray,
+    y_train: np.ndarray,
+    f_test: np.ndarray,
+    y_test: np.ndarray,
+    max_iter: int = 5000,
+) -> dict:
+    """A logistic-regression probe as plain numbers, standardization folded into the weights.
+
+    ``{"classes", "coef" (classes, features), "intercept" (classes,), "test_accuracy"}``: the
+    label of a row of features ``f`` is ``classes[argmax(f @ coef.T + intercept)]``, which is
+    how the registered bundle (``sae_model_runtime``) and ``probe_accuracy_on`` apply it.
+    """
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    probe.fit(f_train, y_train)
+    scaler, lr = probe[0], probe[1]
+    coef = lr.coef_ / scaler.scale_  # (classes or 1, features), in unscaled units
+    intercept = lr.intercept_ - coef @ scaler.mean_
+    if coef.shape[0] == 1:  # binary: one row for the positive class; give each class its own
+        coef = np.vstack([np.zeros_like(coef[0]), coef[0]])
+        intercept = np.array([0.0, intercept[0]])
+    classes = lr.classes_.tolist()
+    out = {"classes": classes, "coef": coef.tolist(), "intercept": intercept.tolist()}
+    out["test_accuracy"] = probe_accuracy_on(out, f_test, y_test)
+    return out
+
+
+def probe_accuracy_on(probe: dict, features: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of a plain-number probe (``fit_probe``) on rows of features and their labels."""
+    if len(labels) == 0:
+        return float("nan")
+    logits = features @ np.asarray(probe["coef"]).T + np.asarray(probe["intercept"])
+    predicted = np.asarray(probe["classes"])[logits.argmax(axis=1)]
+    return float(np.mean(predicted == np.asarray(labels)))

@@ -29,7 +29,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sae_pipeline.errors import ConfigError
+from sae_pipeline.monitoring.downstream import DownstreamPolicy
 from sae_pipeline.monitoring.flagged import FLAG_COLUMN, FLAGGED, describe
+from sae_pipeline.monitoring.review import ReviewPolicy
 
 EVIDENTLY_SIGNALS = ("raw", "codes", "reconstruction_error")
 SIGNALS = (*EVIDENTLY_SIGNALS, FLAGGED)
@@ -78,6 +80,12 @@ class DriftPolicy(BaseModel):
     )
     retrain: bool = Field(True, description="Trigger retraining when drift is detected.")
     experiment: str = Field("sae-monitoring", description="MLflow experiment of the checks.")
+    downstream: DownstreamPolicy = Field(
+        default_factory=DownstreamPolicy, description="The champion's probe on labelled batches."
+    )
+    review: ReviewPolicy = Field(
+        default_factory=ReviewPolicy, description="Which decisions wait for a person's review."
+    )
     seed: int = 0
 
     def signal(self, name: str) -> SignalPolicy:
@@ -315,6 +323,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             f"({r['drifted_columns']}/{r['columns']} columns, threshold {r['share_threshold']:.2f})"
             f"{top}"
         )
+    if summary.get("downstream"):
+        lines.append(f"- downstream: {summary['downstream']['reason']}")
     if "mean_reconstruction_error" in summary:
         m = summary["mean_reconstruction_error"]
         lines.append(

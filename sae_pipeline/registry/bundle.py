@@ -136,6 +136,18 @@ def load_encoder(model_uri: str) -> Encoder:
         return encoder_from_files(config, weights)
 
 
+def encoder_json(model_uri: str) -> dict[str, Any]:
+    """A registered encoder's ``encoder.json`` (plain data: contract, scaler, probe, ...)."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        config = local / "artifacts" / "encoder.json"
+        if not config.is_file():
+            raise RegistryError(f"{model_uri} is not an encoder bundle (no encoder.json)")
+        return runtime.read_json(config)
+
+
 # ---- logging -----------------------------------------------------------------------------------
 def _signature(
     columns: list[str], param: str, default: str, dtype: str = "float", extra: dict | None = None

@@ -108,6 +108,22 @@ def load_encoder(ref: ModelRef):
     return _load(ref.tracking_uri, ref.model_uri)
 
 
+@functools.lru_cache(maxsize=8)
+def _probe(tracking_uri: str, model_uri: str):
+    import mlflow
+
+    from sae_pipeline.registry import bundle
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return bundle.encoder_json(model_uri).get("probe")
+
+
+def probe(ref: ModelRef) -> dict[str, Any] | None:
+    """The probe registered with the version (plain coefficients on its codes), if any."""
+    return _probe(ref.tracking_uri, ref.model_uri)
+
+
 def snapshot_dir(ref: ModelRef) -> str:
     """The training run's snapshot folder (``validate/``: manifest, accepted rows, contract)."""
     return storage.join(ref.run_dir, "validate")

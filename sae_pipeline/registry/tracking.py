@@ -174,8 +174,11 @@ def register_encoder(
     encoder,
     example,
     lineage: dict[str, str],
+    **sections,
 ) -> dict[str, str]:
     """Log and register the encoder bundle and the scaler (both pickle-free) as ``challenger``.
+
+    ``sections``: plain-data parts of the bundle's ``encoder.json`` (``probe``, ``anomaly``).
 
     Both versions carry the run key and the lineage tags from their creation (one MLflow call
     creates the version with its tags), so a retry after a failure at any point finds what an
@@ -190,7 +193,7 @@ def register_encoder(
     versions: dict[str, str] = {}
     with mlflow.start_run(run_id=run_id):
         if existing["encoder"] is None:
-            info = bundle.log_encoder_model(encoder, example, names["encoder"], tags)
+            info = bundle.log_encoder_model(encoder, example, names["encoder"], tags, **sections)
             versions["encoder"] = str(info.registered_model_version)
         else:
             versions["encoder"] = str(existing["encoder"].version)

@@ -8,6 +8,7 @@ same functions. Where things go::
     <root>/monitoring/checks/<run key>/{raw,codes,reconstruction_error}.{html,json}, summary.json
     <root>/monitoring/decisions/<model>/v<version>/<batch key>.json  what was decided, by which run
     <root>/retraining/<run key>/training_data.parquet                  champion snapshot + batch
+                                                                       (``_retraining``)
 
 and one MLflow run per check in the monitoring experiment (``DriftPolicy.experiment``): the
 summary as the run's description, the drift shares as metrics, the reports as artifacts.
@@ -25,11 +26,11 @@ from typing import Any
 
 from sae_pipeline import storage
 from sae_pipeline.data import batches
-from sae_pipeline.errors import DataError
 from sae_pipeline.monitoring.drift import EVIDENTLY_SIGNALS, DriftPolicy
 from sae_pipeline.registry import champion
 from sae_pipeline.registry.champion import ModelRef
 from sae_pipeline.steps._drift_decisions import decision_uri, earlier_decision
+from sae_pipeline.steps._retraining import retrain, training_conf  # noqa: F401  (the DAG's and CLI's names)
 from sae_pipeline.steps.batch_context import batch_context
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def policy_overrides(params: dict[str, Any]) -> dict[str, Any]:
     out = {field: params.get(name) for name, field in POLICY_PARAMS.items()}
     for signal, share in (params.get("signal_thresholds") or {}).items():
         out[f"signals.{signal}.drift_share"] = share
+    if params.get("review"):  # one mode for every reviewed decision
+        out["review.retrain"] = out["review.drift_alert"] = params["review"]
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -93,8 +96,13 @@ def reference(ctx: dict[str, Any]) -> dict[str, Any]:
     model has fitted its training rows, so their errors are lower than those of any new rows
     drawn from the same distribution, and a clean batch would look drifted.
     """
+    from sae_pipeline.steps.review import accepted_batches
+
     ref, policy = _ref(ctx), _policy(ctx)
     tag = f"n{policy.sample_rows}-s{policy.seed}" if policy.sample_rows else "all"
+    accepted = accepted_batches(ctx)  # batches a reviewer accepted as the new normal
+    if accepted:
+        tag += "-a" + storage.run_key(",".join(b["key"] for b in accepted))[-12:]
     uri = storage.join(
         ctx["artifacts_root"], "monitoring", "reference", ref.name, f"v{ref.version}-{tag}.parquet"
     )
@@ -113,6 +121,14 @@ def reference(ctx: dict[str, Any]) -> dict[str, Any]:
     frame[encoder.code_columns] = codes
     frame[ERROR_COLUMN] = err
     frame[HELDOUT_COLUMN] = heldout
+    for batch in accepted:  # new rows to the model: held out, like the validation split
+        rows, _ = batches.read_batch_sample(
+            {"batch": batch}, encoder.contract.feature_columns, policy.sample_rows, policy.seed
+        )
+        codes, err = encode_rows(encoder, rows.to_numpy(dtype="float64"))
+        rows[encoder.code_columns] = codes
+        rows[ERROR_COLUMN], rows[HELDOUT_COLUMN] = err, True
+        frame = pd.concat([frame, rows], ignore_index=True)
     storage.write_parquet(uri, frame)
     meta = {"rows": len(frame), "rows_heldout": int(frame[HELDOUT_COLUMN].sum())}
     storage.write_json(uri + ".json", meta)
@@ -133,8 +149,10 @@ def check(
     """
 
     from sae_pipeline.engine.encoder import ERROR_COLUMN
+    from sae_pipeline.monitoring.downstream import combine
     from sae_pipeline.monitoring.drift import decide, run_report, signal_frames, summary_markdown
     from sae_pipeline.monitoring.flagged import FLAG_COLUMN, FLAGGED, flagged_share_result
+    from sae_pipeline.steps._downstream import downstream_check
 
     out = check_dir(ctx)
     summary_uri = storage.join(out, "summary.json")
@@ -188,7 +206,9 @@ def check(
                 encoder.anomaly[0]["expected_share"],
                 policy.signal(FLAGGED).threshold,
             )
+        downstream = downstream_check(ctx, encoder, policy)  # the probe, on labelled batches
         decision = decide(results, counts["rows_valid"], policy)
+        decision = combine(decision, downstream, policy.retrain)
         summary = {
             "batch_key": ctx["batch"]["key"],
             "batch_files": ctx["batch"]["files"],
@@ -200,6 +220,7 @@ def check(
             "rows_reference_heldout": int(heldout.sum()),
             **decision,
             "signals": {k: _without(r, "per_column") for k, r in results.items()},
+            "downstream": downstream,
             "policy": policy.model_dump(mode="json"),
             "report_dir": out,
             "dag_run_id": ctx["run_id"],
@@ -250,6 +271,8 @@ def _short(summary: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     out = {k: summary[k] for k in keep if k in summary}
     out["drift_share"] = {k: r["drift_share"] for k, r in summary["signals"].items()}
+    if summary.get("downstream"):
+        out["downstream"] = summary["downstream"]
     return out
 
 
@@ -292,6 +315,9 @@ def log_check(ctx: dict[str, Any], summary: dict[str, Any], report_dir: str) -> 
     for name, r in summary["signals"].items():
         metrics[f"drift_share_{name}"] = r["drift_share"]
         metrics[f"drifted_columns_{name}"] = r["drifted_columns"]
+    for k in ("accuracy", "reference_accuracy", "drop"):
+        if k in (summary.get("downstream") or {}):
+            metrics[f"downstream_{k}"] = summary["downstream"][k]
     for which, v in summary.get("mean_reconstruction_error", {}).items():
         metrics[f"mean_reconstruction_error_{which}"] = v
     tags = {
@@ -325,63 +351,6 @@ def log_check(ctx: dict[str, Any], summary: dict[str, Any], report_dir: str) -> 
     return run_id
 
 
-# ---- retraining -------------------------------------------------------------------------------
-def training_conf(ctx: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The training DAG's conf when the check asks for retraining, else None.
-
-    The new training data is the champion's training snapshot plus the batch's valid rows,
-    written once to the store; the config is the champion's own (same architecture and
-    settings), with only the data source replaced.
-    """
-    import pandas as pd
-
-    if not summary.get("retrain_triggered"):
-        return None
-    ref = _ref(ctx)
-    out = storage.join(ctx["artifacts_root"], "retraining", ctx["run_key"], "training_data.parquet")
-    if not storage.exists(out):
-        contract = champion.validate_manifest(ref)["contract"]
-        features = contract["feature_columns"]
-        label, id_col = contract.get("label_column"), contract.get("id_column")
-        snapshot = champion.training_snapshot(ref)
-        names = set()
-        for f in ctx["batch"]["files"]:
-            with batches.open_parquet(f) as pf:
-                names |= set(pf.schema_arrow.names)
-        if id_col and id_col not in names:
-            raise DataError(
-                f"the champion's data has the id column {id_col!r} but batch "
-                f"{ctx['batch']['key']} lacks it; cannot retrain on the two together"
-            )
-        keep = [*features, *(c for c in (label, id_col) if c and c in names)]
-        if label and label not in names:
-            log.warning("batch lacks the label %r: retraining without it (no probes)", label)
-        parts = []
-        for rb in batches.iter_chunks(ctx["batch"]["files"], keep, 65_536):
-            ok, _ = batches.finite_rows(batches.feature_matrix(rb, features), features)
-            parts.append(rb.to_pandas()[ok])
-        new = pd.concat(parts, ignore_index=True)
-        combined = pd.concat([snapshot[keep], new[keep]], ignore_index=True)
-        storage.write_parquet(out, combined)
-        log.info(
-            "retraining data %s: %d champion row(s) + %d batch row(s)",
-            out,
-            len(snapshot),
-            len(new),
-        )
-    conf: dict[str, Any] = {
-        "data_source": out,
-        "artifacts_root": ctx["artifacts_root"],
-        "tracking_uri": ctx["tracking_uri"],
-        "encoder_model_name": ref.name,
-        "scaler_model_name": ctx["scaler_model_name"],
-    }
-    config = champion.config_uri(ref)
-    if storage.is_local(config) and storage.exists(config):
-        conf["config_path"] = str(storage.local_path(config))
-    return conf
-
-
 # ---- outside Airflow --------------------------------------------------------------------------
 def run_check(ctx: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """Reference and check in this process (the CLI's ``drift``), with a progress bar."""
@@ -407,21 +376,3 @@ def run_check(ctx: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     finally:
         if bar is not None:
             bar.close()
-
-
-def retrain(ctx: dict[str, Any], summary: dict[str, Any], run_id: str) -> dict[str, Any] | None:
-    """Run the training steps in this process on what the DAG would queue; None if not due."""
-    from sae_pipeline.steps.training import run_training
-
-    conf = training_conf(ctx, summary)
-    if conf is None:
-        return None
-    overrides = {
-        "data.source": conf["data_source"],
-        "artifacts_root": conf["artifacts_root"],
-        "registry.tracking_uri": conf["tracking_uri"],
-        "registry.encoder_model_name": conf["encoder_model_name"],
-        "registry.scaler_model_name": conf["scaler_model_name"],
-    }
-    result = run_training(run_id, conf.get("config_path"), overrides)
-    return {k: result[k] for k in ("evaluate", "register", "promote")}

@@ -129,8 +129,11 @@ def _log_pictures(ctx, cfg, net, x_test, y_test) -> None:
             storage.write_bytes(_uri(ctx, "evaluate", "plots", path.name), path.read_bytes())
 
 
-def register(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Register encoder bundle and scaler as new versions and give them the alias challenger."""
+def register(ctx: dict[str, Any], review: dict[str, str] | None = None) -> dict[str, Any]:
+    """Register encoder bundle and scaler as new versions and give them the alias challenger.
+
+    ``review``: the drift review that asked for this run (``sae.review.*`` tags), kept on both.
+    """
     from sae_pipeline.registry import tracking
 
     cfg = config_of(ctx)
@@ -144,16 +147,33 @@ def register(ctx: dict[str, Any]) -> dict[str, Any]:
         "sae.code_version": code_version(),
         "sae.config_hash": cfg.config_hash(),
         "sae.mlflow_run_id": ctx["mlflow_run_id"],
+        **{k: str(v) for k, v in (review or {}).items() if k.startswith("sae.review.")},
     }
     versions = tracking.register_encoder(
-        cfg, ctx["mlflow_run_id"], ctx["run_key"], encoder, example, lineage
-    )
+        cfg, ctx["mlflow_run_id"], ctx["run_key"], encoder, example, lineage,
+        **_probe_section(encoder, data, cfg),
+    )  # fmt: skip
     return {
         "encoder_model_name": cfg.registry.encoder_model_name,
         "scaler_model_name": cfg.registry.scaler_model_name,
         "encoder_version": versions["encoder"],
         "scaler_version": versions["scaler"],
     }
+
+
+def _probe_section(encoder, data: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
+    """The probe that travels with the encoder (plain coefficients), when there are labels."""
+    from sae_pipeline.engine.encoder import encode_rows
+    from sae_pipeline.engine.evaluation import fit_probe
+
+    if data.get("y_train") is None or len(set(data["y_train"].tolist())) < 2:
+        return {}
+    codes_train, _ = encode_rows(encoder, data["x_train"])
+    codes_test, _ = encode_rows(encoder, data["x_test"])
+    probe = fit_probe(
+        codes_train, data["y_train"], codes_test, data["y_test"], cfg.evaluation.probe_max_iter
+    )
+    return {"probe": probe}
 
 
 def _common_evaluation(ctx: dict[str, Any], cfg: PipelineConfig, name: str, version: str):

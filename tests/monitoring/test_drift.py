@@ -160,8 +160,15 @@ def test_drift_monitor_dag_wiring():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     dag = module.drift_dag
-    order = ["prepare", "reference", "check", "retraining_conf", "trigger_retraining"]
+    order = [
+        "prepare", "reference", "check", "review_request", "review", "record_review",
+        "retraining_conf", "trigger_retraining",
+    ]  # fmt: skip
     assert set(dag.task_ids) == set(order)
+    review = dag.get_task("review")
+    assert type(review).__mro__[1].__name__ == "HITLOperator"
+    assert review.options == ["retrain", "accept", "dismiss"]
+    assert dag.params["review"] is None  # the policy's, `auto` by default
     for up, down in itertools.pairwise(order):
         assert down in dag.get_task(up).downstream_task_ids, (up, down)
     trigger = dag.get_task("trigger_retraining")

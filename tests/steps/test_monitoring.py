@@ -85,3 +85,86 @@ def test_after_drift_retraining_the_gate_leaves_out_rows_the_champion_trained_on
     version = c.get_model_version("sae-digits-encoder", result["register"]["encoder_version"])
     basis = version.tags["sae.gate.basis"]
     assert "left out: the champion trained on them" in basis, basis
+
+
+# ---- review by a person (issue 13) ------------------------------------------------------------
+def _checked(world, run_id: str, name: str, frame: pd.DataFrame):
+    from sae_pipeline.steps import monitoring
+
+    path = world["tmp"] / f"{name}.parquet"
+    frame.to_parquet(path, index=False)
+    params = {**world["params"], "batch": str(path), "sample_rows": 0, "review": "required"}
+    ctx = monitoring.context(run_id, params)
+    return params, ctx, monitoring.run_check(ctx)
+
+
+def test_an_accepted_batch_is_recorded_and_joins_the_reference(world):
+    import datetime as dt
+
+    from mlflow import MlflowClient
+
+    from sae_pipeline.steps import monitoring, review
+
+    far = (blobs(120, 2) * 0.5 - 6.0).assign(target=0)
+    params, ctx, summary = _checked(world, "review__accept", "far", far)
+    assert summary["decision"] == "retrain" and summary["retrain_triggered"]
+    asked = review.request(ctx, summary)
+    assert asked["required"] and asked["options"] == ["retrain", "accept", "dismiss"]
+    assert (asked["default"], asked["timeout_s"]) == ("dismiss", 24 * 3600)
+    for name in summary["drift_share"]:
+        assert f"- [{name} report](file://" in asked["body"]
+    assert asked["body"].startswith(f"**{summary['decision']}**")
+    rows_before = monitoring.reference(ctx)["rows"]
+
+    at = dt.datetime(2026, 11, 29, 5, 0, tzinfo=dt.UTC)
+    answer = {"chosen_options": ["accept"], "responded_by_user": {"id": "ana", "name": "ana"}}
+    result = review.record(ctx, summary, {**answer, "responded_at": at})
+    assert result["retrain_triggered"] is False and monitoring.training_conf(ctx, result) is None
+    tags = MlflowClient(world["params"]["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.tags
+    assert (tags["sae.review.choice"], tags["sae.review.by"]) == ("accept", "ana")
+    assert tags["sae.review.at"] == at.isoformat()
+
+    # The next run: the batch is not judged again, nobody is asked, the reference holds it.
+    again_ctx = monitoring.context("review__again", params)
+    again = monitoring.run_check(again_ctx)
+    assert again["already_decided_by"] == "review__accept" and not again["retrain_triggered"]
+    assert review.request(again_ctx, again) == {"required": False}
+    assert monitoring.reference(again_ctx)["rows"] == rows_before + len(far)
+
+
+def test_a_timed_out_review_takes_the_default_and_retrain_tags_the_conf(world):
+    from sae_pipeline.steps import monitoring, review
+
+    odd = (blobs(120, 3) * 2.0 + 8.0).assign(target=2)
+    _, ctx, summary = _checked(world, "review__timeout", "odd", odd)
+    timed_out = {"chosen_options": ["dismiss"], "responded_by_user": None, "responded_at": None}
+    result = review.record(ctx, summary, timed_out)
+    assert result["review"]["by"] == review.TIMEOUT_REVIEWER and not result["retrain_triggered"]
+    # Had the reviewer chosen retrain, the conf carries the record to the new version's tags.
+    chosen = review.review.outcome(summary, "retrain", "ben", "2026-11-29T05:00:00+00:00")
+    conf = monitoring.training_conf(ctx, chosen)
+    assert conf["review"] == {
+        "sae.review.choice": "retrain",
+        "sae.review.by": "ben",
+        "sae.review.at": "2026-11-29T05:00:00+00:00",
+    }
+
+
+# ---- downstream quality (issue 13) ------------------------------------------------------------
+def test_shuffled_labels_fire_the_downstream_signal_and_clean_labels_do_not(world):
+    from sae_pipeline.steps import monitoring
+
+    clean = blobs(300, 7)
+    shuffled = clean.assign(target=np.random.default_rng(0).permutation(clean["target"].values))
+    got = {}
+    for name, frame in (("labelled_clean", clean), ("labelled_shuffled", shuffled)):
+        path = world["tmp"] / f"{name}.parquet"
+        frame.to_parquet(path, index=False)
+        params = {**world["params"], "batch": str(path), "sample_rows": 0}
+        got[name] = monitoring.run_check(monitoring.context(f"downstream__{name}", params))
+    calm, fired = got["labelled_clean"]["downstream"], got["labelled_shuffled"]["downstream"]
+    assert calm["judged"] and not calm["fired"], calm
+    assert fired["fired"] and fired["drop"] > 0.3, fired
+    assert "downstream" in got["labelled_shuffled"]["drifted_signals"]
+    assert got["labelled_shuffled"]["decision"] == "retrain"
+    assert "downstream" not in got["labelled_clean"]["drifted_signals"]
