@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-quality bench-encoding bench-service bench-scale clean
+.PHONY: demo test lint format bench bench-quality bench-anomaly bench-encoding bench-service bench-scale clean
 
 $(STAMP): pyproject.toml requirements.lock install.sh
 	VENV=$(VENV) ./install.sh
@@ -30,6 +30,10 @@ bench: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) bench/bench_quality.py --seeds 0 1 2 3 4
+
+# SAEAnomalyDetector vs IsolationForest, PCA, SAE error, LOF on six ADBench datasets (docs/anomaly.md).
+bench-anomaly: $(STAMP)
+	$(PY) bench/bench_anomaly.py --seeds 0 1 2 3 4
 
 bench-encoding: $(STAMP)
 	$(PY) bench/bench_encoding.py

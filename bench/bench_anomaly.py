@@ -129,11 +129,18 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--set", nargs="*", default=[], help="detector options, e.g. knn_weight=0.3")
     args = p.parse_args(argv)
+    import torch
+
+    # Small nets on a shared CPU: one thread is faster (a second one only synchronises).
+    torch.set_num_threads(1)
     names = args.datasets or (
         SIX if args.suite == "adbench" else (*anomaly_dev.SYNTHETIC, *anomaly_dev.REAL)
     )
     detector_kw = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
-    results = run(args.suite, names, args.seeds, args.methods, detector_kw)
+    results: dict = {}
+    for i, name in enumerate(names):  # the table so far after each dataset: a long run shows
+        results |= run(args.suite, [name], args.seeds, args.methods, detector_kw)
+        print(table(results, names[: i + 1], args.methods), file=sys.stderr, flush=True)
     print(f"suite={args.suite} seeds={args.seeds} detector options={detector_kw or 'defaults'}")
     print(table(results, names, args.methods))
 

@@ -32,13 +32,14 @@ STEPS = ["ingest", "validate", "split", "fit_scaler", "pretrain_1", "pretrain_2"
 FEATURES = 64
 
 
-def generate(path: Path, rows: int, chunk: int = 1_000_000) -> None:
+def generate(path: Path, rows: int, chunk: int = 1_000_000, seed: int = 0) -> None:
     """``rows`` x 64 float32 in row groups of ``chunk`` rows, never all in memory."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(0)
-    mix = rng.normal(size=(8, FEATURES)).astype(np.float32)
+    mix = rng.normal(size=(8, FEATURES)).astype(np.float32)  # the same factors for every seed
+    rng = np.random.default_rng(seed) if seed else rng
     names = [f"f{j:02d}" for j in range(FEATURES)]
     with pq.ParquetWriter(path, pa.schema([(n, pa.float32()) for n in names])) as w:
         for start in range(0, rows, chunk):
@@ -114,6 +115,36 @@ def measure_train(tmp: Path, source: Path, max_steps: int | None, env: dict) -> 
     return secs, int(line.rsplit(":", 1)[1]) / 2**20
 
 
+def check_codes(tmp: Path, rows: int = 20_000) -> float:
+    """Largest |difference| between the codes of a held-out batch (new rows, another seed)
+    through the registered pyfunc, as ``mlflow models serve`` loads it, and through batch
+    encoding (the version's bundle, streamed in chunks); 0.0 means identical."""
+    import mlflow
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from sae_pipeline.data import batches
+    from sae_pipeline.engine import batch_encoding
+    from sae_pipeline.registry import bundle
+
+    generate(tmp / "held_out.parquet", rows, seed=1)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = "models:/sae-digits-encoder@champion"
+    served = mlflow.pyfunc.load_model(model).predict(pd.read_parquet(tmp / "held_out.parquet"))
+    encoder = bundle.load_encoder(model)
+    parts = []
+    for shard in batch_encoding.plan(batches.list_files(str(tmp / "held_out.parquet"))):
+        out = batch_encoding.encode_shard(
+            encoder, shard, str(tmp / f"codes-{shard['index']}.parquet"),
+            str(tmp / f"quarantine-{shard['index']}.parquet"),
+        )  # fmt: skip
+        parts.append(pq.read_table(out["part"]).to_pandas()[encoder.code_columns])
+    codes = pd.concat(parts, ignore_index=True).to_numpy()
+    return float(np.abs(codes - served[encoder.code_columns].to_numpy()).max())
+
+
 def samples_per_second(ctx: dict, repeats: int, max_steps: int | None) -> dict[str, float]:
     """Fine-tuning throughput on the run's training part: streamed vs in memory, alternated
     (the machine's other load is noise), best of ``repeats``."""
@@ -153,6 +184,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="throughput: best of this many")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     ap.add_argument("--max-steps", type=int, help="cap each training phase at this many steps")
+    ap.add_argument(
+        "--check-codes", action="store_true", help="after --train: service vs batch codes"
+    )
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--step")
     ap.add_argument("--ctx", type=Path)
@@ -193,6 +227,9 @@ def main() -> int:
                 table["train"][rows] = measure_train(tmp, tmp / "x.parquet", args.max_steps, env)
                 secs, rss = table["train"][rows]
                 print(f"  {'train':<11} {secs:8.1f} s  {rss:6.2f} GiB", flush=True)
+                if args.check_codes:
+                    diff = check_codes(tmp)
+                    print(f"  held-out codes, service vs batch: max |diff| {diff:g}", flush=True)
             if speed is None and not args.skip_throughput:
                 for step in STEPS[len(steps_run) : 4]:  # it needs the snapshot, split, scaler
                     measure(step, ctx_file, env)

@@ -116,6 +116,35 @@ def features_f32(rb, columns: Sequence[str]) -> np.ndarray:
     return x
 
 
+def iter_batches(
+    plan: list[Unit],
+    columns: Sequence[str],
+    split: HashSplit | None,
+    part: str,
+    chunk_rows: int = 65_536,
+    order_seed: int | None = None,
+) -> Iterator[tuple[Any, np.ndarray | None]]:
+    """(Arrow record batch, positions in it of ``part``'s rows, or None for all of them).
+
+    ``order_seed`` visits the row groups in a seeded random order (one per epoch); None keeps
+    snapshot order. ``split`` None means every row is in the part. Batches holding none of
+    the part's rows are skipped.
+    """
+    order = list(range(len(plan)))
+    if order_seed is not None:
+        np.random.default_rng(order_seed).shuffle(order)
+    for i in order:
+        u = plan[i]
+        start = u.first_row
+        for rb in batches.iter_chunks([u.file], columns, chunk_rows, {u.file: [u.group]}):
+            keep = None
+            if split is not None:
+                keep = np.flatnonzero(split.mask(part, start, rb.num_rows))
+            start += rb.num_rows
+            if keep is None or len(keep):
+                yield rb, keep
+
+
 def iter_part(
     plan: list[Unit],
     columns: Sequence[str],
@@ -125,30 +154,15 @@ def iter_part(
     order_seed: int | None = None,
     extra: Sequence[str] = (),
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """(float32 features, {extra column: values}) of ``part``'s rows, chunk by chunk.
-
-    ``order_seed`` visits the row groups in a seeded random order (one per epoch); None keeps
-    snapshot order. ``split`` None means every row is in the part.
-    """
-    order = list(range(len(plan)))
-    if order_seed is not None:
-        np.random.default_rng(order_seed).shuffle(order)
-    for i in order:
-        u = plan[i]
-        start = u.first_row
-        for rb in batches.iter_chunks(
-            [u.file], [*columns, *extra], chunk_rows, {u.file: [u.group]}
-        ):
-            n = rb.num_rows
-            x = features_f32(rb, columns)
-            cols = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in extra}
-            if split is not None:
-                keep = split.mask(part, start, n)
-                x = x[keep]
-                cols = {c: v[keep] for c, v in cols.items()}
-            start += n
-            if len(x):
-                yield x, cols
+    """(float32 features, {extra column: values}) of ``part``'s rows, chunk by chunk, in the
+    order of ``iter_batches``."""
+    for rb, keep in iter_batches(plan, [*columns, *extra], split, part, chunk_rows, order_seed):
+        x = features_f32(rb, columns)
+        cols = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in extra}
+        if keep is not None:
+            x = x[keep]
+            cols = {c: v[keep] for c, v in cols.items()}
+        yield x, cols
 
 
 def sample_part(

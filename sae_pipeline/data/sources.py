@@ -206,7 +206,9 @@ class ParquetStream:
     Opening it reads only the files' footers: row count, columns (the same in every shard,
     each name once), and raises the same ``DataError`` as ``read_parquet`` for a missing,
     empty or corrupt source. ``chunks`` then yields ``(Arrow table, frame)`` pairs of at most
-    ``chunk_rows`` rows, in file order; memory is bounded by the chunk, not the source.
+    ``chunk_rows`` rows, in file order, one row group at a time: memory is bounded by the
+    source's largest row group (a 1M-row group of 64 float32 columns: about 0.5 GiB), not by
+    its size.
     """
 
     def __init__(self, source: str, chunk_rows: int = 65_536):
@@ -262,7 +264,14 @@ class ParquetStream:
 
         for f, label in zip(self.files, self.labels, strict=True):
             with self._open(f, label) as pf:
-                batches = pf.iter_batches(batch_size=self.chunk_rows)
+                # One row group at a time: across groups, Arrow reads the next ones ahead and
+                # memory grows with the file; within one it is bounded by the group's size.
+                groups = range(pf.metadata.num_row_groups)
+                batches = (
+                    rb
+                    for g in groups
+                    for rb in pf.iter_batches(batch_size=self.chunk_rows, row_groups=[g])
+                )
                 while True:
                     try:
                         rb = next(batches, None)

@@ -84,7 +84,7 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
         max_samples: int = 256,
         epochs: int = 20,
         n_neighbors: int = 5,
-        knn_weight: float = 0.5,
+        knn_weight: float = 0.25,
         contamination: str | float = "auto",
         random_state: int | np.random.RandomState | None = None,
     ):

@@ -133,3 +133,37 @@ def test_a_failed_staged_write_is_removed(tmp_path):
         fh.write(b"partial")
     storage.remove(stage)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def _bad_inputs():
+    from tests.ingest_helpers import clean_frame
+
+    empty = clean_frame(n=200)
+    empty["pixel_3"] = np.nan
+    many = clean_frame(n=200)
+    many.loc[:60, "pixel_1"] = np.inf
+    dates = clean_frame(n=200)
+    dates["pixel_2"] = pd.Timestamp("2026-01-01")
+    return {"empty column": empty, "too many quarantined": many, "a date column": dates}
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_the_ingest_command_fails_streamed_as_in_memory(tmp_path, case):
+    """Bad input through ``sae-pipeline ingest`` streamed: exit 2, the in-memory path's one
+    line, nothing written (no staging folder either)."""
+    from tests.ingest_helpers import assert_one_line_error, run_ingest, write_parquet
+
+    src = write_parquet(_bad_inputs()[case], tmp_path / "bad.parquet")
+    in_memory = assert_one_line_error(run_ingest(src, tmp_path / "a"))
+    streamed = run_ingest(src, tmp_path / "b", "--set", "data.in_memory_max_bytes=0")
+    assert assert_one_line_error(streamed) == in_memory
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
+
+
+def test_the_ingest_command_streams_a_clean_batch(tmp_path):
+    from tests.ingest_helpers import assert_accounted, clean_frame, run_ingest, write_parquet
+
+    src = write_parquet(clean_frame(n=300), tmp_path / "ok.parquet")
+    a = assert_accounted(run_ingest(src, tmp_path / "a"))
+    b = assert_accounted(run_ingest(src, tmp_path / "b", "--set", "data.in_memory_max_bytes=0"))
+    assert b["streamed"] and b["content_hash"] == a["content_hash"]

@@ -80,6 +80,27 @@ def test_optional_anomaly_and_probe_sections_add_outputs(digits, tmp_path):
     ]
 
 
+def test_a_fitted_detector_travels_as_plain_arrays_and_scores_the_same(digits, tmp_path):
+    import dataclasses
+
+    from sae_pipeline import SAEAnomalyDetector
+
+    frame = digits.drop(columns="target")
+    det = SAEAnomalyDetector(n_estimators=2, epochs=3, random_state=0).fit(frame.to_numpy())
+    encoder = dataclasses.replace(make_encoder(digits), anomaly=det.to_state())
+    files = bundle.write_encoder_bundle(encoder, tmp_path)
+    assert json.loads(Path(files["config"]).read_text())["anomaly"]["kind"] == "sae-ensemble/1"
+    with np.load(files["anomaly"], allow_pickle=False) as z:
+        assert "m0.w0" in z.files
+    served = runtime.EncoderBundle.load(files["config"], files["weights"], files["anomaly"])
+    out = served.predict(frame.head(80), {"output": "anomaly"})
+    want = -det.score_samples(frame.head(80).to_numpy())
+    np.testing.assert_allclose(out["anomaly_score"], want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(out["is_anomaly"], want > -det.offset_)
+    engine = bundle.encoder_from_files(files["config"], files["weights"])
+    np.testing.assert_allclose(engine.transform(frame.head(80), "anomaly")["anomaly_score"], want)
+
+
 @pytest.mark.parametrize(
     ("frame", "params", "message"),
     [
