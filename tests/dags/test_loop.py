@@ -208,7 +208,12 @@ def test_shifted_batch_is_drift_and_queues_retraining_with_the_new_rows(world, c
     run, results = checks["shifted"]
     summary = results["check"]
     assert summary["drift_detected"] is True and summary["retrain_triggered"] is True
-    assert set(summary["drifted_signals"]) == {"raw", "codes", "reconstruction_error"}
+    # The shifted batch keeps its labels, so the champion's probe may show the drop too.
+    assert set(summary["drifted_signals"]) - {"downstream"} == {
+        "raw",
+        "codes",
+        "reconstruction_error",
+    }
     assert summary["drift_share"]["raw"] == pytest.approx(1.0)
     queued = queued_run("sae_training", f"drift__{run.run_id}")
     assert queued is not None and queued["state"] == "queued"
