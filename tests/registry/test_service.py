@@ -11,8 +11,10 @@ reuses it. The first build takes one to two minutes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,15 +51,40 @@ def model_env(registered) -> Path:
     """The champion's own virtual environment, built by MLflow (or found from an earlier run)."""
     uri = f"models:/{registered['encoder_name']}@champion"
     t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "mlflow", "models", "prepare-env", "-m", uri,
-         "--env-manager", "virtualenv"],
-        check=True, env=mlflow_env(registered), capture_output=True, timeout=900,
-    )  # fmt: skip
+    ENV_ROOT.mkdir(parents=True, exist_ok=True)
+    # MLflow reuses any folder it finds, so a build that was interrupted (or is still running in
+    # another test process) would be taken as ready: one builder at a time, and a folder that
+    # cannot import the model's packages is removed and built again.
+    with open(ENV_ROOT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for env in ENV_ROOT.glob("mlflow-*"):
+            if not env_imports(env):
+                shutil.rmtree(env)
+        subprocess.run(
+            [sys.executable, "-m", "mlflow", "models", "prepare-env", "-m", uri,
+             "--env-manager", "virtualenv"],
+            check=True, env=mlflow_env(registered), capture_output=True, timeout=900,
+        )  # fmt: skip
     envs = sorted(ENV_ROOT.glob("mlflow-*/bin/python"), key=lambda p: p.stat().st_mtime)
     assert envs, f"no environment under {ENV_ROOT}"
+    assert env_imports(envs[-1].parents[1]), (
+        f"{envs[-1].parents[1]} cannot import the model's packages"
+    )
     print(f"model environment ready in {time.perf_counter() - t0:.1f} s: {envs[-1].parents[1]}")
     return envs[-1].parents[1]
+
+
+def env_imports(env: Path) -> bool:
+    """Whether an environment folder can import what the model's runtime needs."""
+    python = env / "bin" / "python"
+    check = "import mlflow, numpy, pandas, torch"  # cwd "/": not this checkout's mlflow/ folder
+    return (
+        python.exists()
+        and subprocess.run(
+            [python, "-c", check], cwd="/", capture_output=True, timeout=300
+        ).returncode
+        == 0
+    )
 
 
 def free_port() -> int:
