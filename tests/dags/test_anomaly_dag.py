@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CARDIO = REPO.parent / "shared" / "data" / "adbench" / "6_cardio.npz"
+CARDIO = REPO / "tests" / "fixtures" / "6_cardio.npz"  # ADBench cardio, BSD-2-Clause
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,

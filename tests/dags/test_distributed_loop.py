@@ -232,14 +232,34 @@ def test_a_clean_batch_triggers_nothing_and_a_dismissed_drift_trains_nothing(loo
     assert len(topo.dag_runs(ENCODING)) >= 2
 
 
-def _wait_for_champion(topo: Topology, name: str, before: str, t0: float) -> tuple[str, float]:
-    def moved():
+def _wait_for_champion(
+    topo: Topology, name: str, before: str, t0: float, training_run: str
+) -> tuple[str, float]:
+    """The new champion, or a failure that says why it did not come (the training run's end)."""
+
+    def moved_or_ended():
         topo.check_alive()
         now = _champion(topo, name)
-        return now if now != before else None
+        if now != before:
+            return ("moved", now)
+        run = {r["dag_run_id"]: r for r in topo.dag_runs(TRAINING)}.get(training_run)
+        if run and run["state"] in ("success", "failed") and _champion(topo, name) == before:
+            return ("ended", run["state"])
+        return None
 
-    version = wait_for("@champion to move", moved, 420, interval=0.5)
-    return version, time.perf_counter() - t0
+    what = f"@champion to move or {training_run} to end"
+    kind, value = wait_for(what, moved_or_ended, 600, interval=1)
+    if kind == "ended":
+        states = {t: ti["state"] for t, ti in topo.task_instances(training_run, TRAINING).items()}
+        newest = max(
+            topo.model_versions(name), key=lambda v: int(v["version"]), default={"version": "?"}
+        )
+        tags = {t["key"]: t["value"] for t in newest.get("tags", []) if "gate" in t["key"]}
+        raise AssertionError(
+            f"{training_run} ended {value} and @champion stayed v{before}; tasks {states}; "
+            f"newest version v{newest['version']} gate tags {tags}"
+        )
+    return value, time.perf_counter() - t0
 
 
 def _assert_training_ran_on_the_scheduler(topo: Topology, run_id: str) -> None:
@@ -262,7 +282,7 @@ def test_an_approved_drift_retrains_under_the_scheduler_and_moves_the_champion(l
     _wait_for_review(topo, run_id)
     waited = time.perf_counter() - t0
     _answer(topo, run_id, "retrain")
-    version, elapsed = _wait_for_champion(topo, name, before, t0)
+    version, elapsed = _wait_for_champion(topo, name, before, t0, f"drift__{run_id}")
     loop["times"]["approved"] = elapsed
     print(f"\nevent -> review {waited:.1f} s; event -> new champion v{version}: {elapsed:.1f} s")
 
@@ -283,7 +303,7 @@ def test_with_review_auto_the_loop_runs_to_a_new_champion_with_no_person(loop):
     t0 = time.perf_counter()
     # The deployment's policy asks for review; this run's `review` param says auto.
     topo.trigger(run_id, {"batch": str(data / "auto.parquet"), "review": "auto"}, MONITOR)
-    version, elapsed = _wait_for_champion(topo, name, before, t0)
+    version, elapsed = _wait_for_champion(topo, name, before, t0, f"drift__{run_id}")
     loop["times"]["auto"] = elapsed
     print(f"\nreview auto: trigger -> new champion v{version}: {elapsed:.1f} s")
     _assert_training_ran_on_the_scheduler(topo, f"drift__{run_id}")
