@@ -84,4 +84,6 @@ def set_champion(
 ) -> str | None:
     """Move both ``champion`` aliases to ``encoder_version`` and its scaler; converge."""
     c.set_registered_model_alias(encoder_name, CHAMPION, encoder_version)
-    return converge(c, encoder_name, scaler_name)
+    partner = paired_scaler(c, scaler_name, c.get_model_version(encoder_name, encoder_version))
+    c.set_registered_model_alias(scaler_name, CHAMPION, partner)
+    return converge(c, encoder_name, scaler_name)  # repairs (and warns) only if a write was lost
