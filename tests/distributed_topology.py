@@ -57,6 +57,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def require_services() -> None:
+    """Skip (fail under CI) when PostgreSQL or Redis does not answer: the topology needs both."""
+    import pytest
+
+    missing = services_reachable()
+    if missing:
+        message = f"the distributed tests need {missing}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 def services_reachable() -> str | None:
     """None when PostgreSQL (5432) and Redis (6379) answer on 127.0.0.1, else what is missing."""
     missing = []

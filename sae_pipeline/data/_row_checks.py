@@ -176,3 +176,11 @@ def names_of(columns: Any, limit: int = 8) -> str:
     names = [repr(str(c)) for c in columns]
     more = f", ... ({len(names)} in all)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def valid_rows(n: int, problems: list[RowProblem]) -> np.ndarray:
+    """The rows (boolean mask of length ``n``) that none of ``problems`` flagged."""
+    valid = np.ones(n, dtype=bool)
+    for p in problems:
+        valid &= ~p.mask
+    return valid

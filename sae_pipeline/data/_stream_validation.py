@@ -27,6 +27,7 @@ from sae_pipeline.data._row_checks import (
     label_and_id_problems,
     names_of,
     no_number_error,
+    valid_rows,
 )
 from sae_pipeline.data.contract import Contract, infer_contract
 from sae_pipeline.data.validation import (
@@ -195,9 +196,7 @@ class StreamValidator:
         if ident is None or ident not in frame.columns:
             return None
         values = frame[ident]
-        valid = np.ones(len(frame), dtype=bool)
-        for p in problems:
-            valid &= ~p.mask
+        valid = valid_rows(len(frame), problems)
         where = np.flatnonzero(valid)
         keys = SeenIds.keys(values.iloc[where])
         rows = where + offset

@@ -29,6 +29,7 @@ from sae_pipeline.data._row_checks import (
     feature_problems,
     label_and_id_problems,
     names_of,
+    valid_rows,
 )
 from sae_pipeline.data.contract import Contract, infer_contract
 from sae_pipeline.data.sources import check_unique_names
@@ -228,9 +229,7 @@ def _repeated_ids(
     if ident is None or ident not in frame.columns:
         return None
     values = frame[ident]
-    valid = np.ones(len(frame), dtype=bool)
-    for p in problems:
-        valid &= ~p.mask
+    valid = valid_rows(len(frame), problems)
     repeated = np.zeros(len(frame), dtype=bool)
     repeated[valid] = values[valid].duplicated(keep="first").to_numpy()
     first_seen: dict[Any, int] = {}

@@ -12,7 +12,6 @@ exactly one new version. Needs PostgreSQL (127.0.0.1:5432, user postgres, trust)
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import time
@@ -28,7 +27,7 @@ from tests.distributed_topology import (
     WORKER_NAMES,
     HttpError,
     Topology,
-    services_reachable,
+    require_services,
     wait_for,
 )
 
@@ -40,12 +39,7 @@ HEAVY_TASKS = {"pretrain_layer_1", "pretrain_layer_2", "finetune"}
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory):
     """One started topology shared by the tests of this module; everything removed after."""
-    missing = services_reachable()
-    if missing:
-        message = f"the distributed tests need {missing}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_services()
     tmp = tmp_path_factory.mktemp("distributed")
     # The deployment's config, with test-sized settings: a small network, every requested
     # epoch run (no early stopping), so that the fault test's pretraining lasts long enough.

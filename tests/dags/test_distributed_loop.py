@@ -14,7 +14,6 @@ announced back to back, so that the module stays a few minutes long.
 
 from __future__ import annotations
 
-import os
 import time
 import urllib.parse
 
@@ -23,7 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.distributed_topology import REPO, WORKER_NAMES, Topology, services_reachable, wait_for
+from tests.distributed_topology import REPO, WORKER_NAMES, Topology, require_services, wait_for
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration, pytest.mark.slow]
 
@@ -46,12 +45,7 @@ def blobs(n: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> pd.DataF
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     """The started topology, a champion trained in this process, and the batch files."""
-    missing = services_reachable()
-    if missing:
-        message = f"the distributed tests need {missing}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_services()
     tmp = tmp_path_factory.mktemp("distributed-loop")
     data = tmp / "data"
     data.mkdir()
