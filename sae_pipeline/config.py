@@ -220,6 +220,12 @@ class TrainingConfig(_Section):
     val_sample_rows: Annotated[int, Field(gt=0)] = Field(
         65_536, description="Streaming: the fixed, seeded validation sample early stopping uses."
     )
+    row_cache: bool = Field(
+        True,
+        description="Streaming: fit_scaler also stores the training part as row-major float32 "
+        "files (rows x features x 4 bytes of disk), which every epoch then reads without "
+        "decoding Parquet; false reads the snapshot's shards each epoch.",
+    )
     checkpoint_every_steps: Annotated[int, Field(gt=0)] = Field(
         2000, description="Streaming: a mid-epoch checkpoint every this many steps."
     )

@@ -206,8 +206,10 @@ def _scaled(ctx: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 def fit_scaler(ctx: dict[str, Any]) -> dict[str, Any]:
     """Fit the scaler on the training part only; in memory, store the scaled parts with it.
 
-    Streamed: ``partial_fit`` over the training part's chunks (robust: on a fixed-size seeded
-    sample), and no scaled copy: training scales each batch on the fly.
+    Streamed: the training part is stored once as a row cache (``data.row_cache``, unless
+    ``training.row_cache`` is off), the scaler is fitted by ``partial_fit`` over its chunks
+    (robust: on a fixed-size seeded sample), and nothing scaled is stored: training scales
+    each batch on the fly.
     """
     from sae_pipeline.data.scaling import (
         ROBUST_SAMPLE_ROWS,
@@ -223,10 +225,11 @@ def fit_scaler(ctx: dict[str, Any]) -> dict[str, Any]:
     scaler_uri, scaled_uri = _uri(ctx, "scaler", "scaler.json"), _uri(ctx, "scaler", "scaled.npz")
     mode = ts.plan(ctx)["mode"]
     if mode == ts.STREAM:
+        cache = ts.train_cache(ctx, cfg)  # written here, once: one pass over the snapshot
         if not storage.exists(scaler_uri):
             scaler = fit_scaler_stream(
                 cfg.scaler.kind,
-                ts.part_chunks(ctx, "train"),
+                cache.iter_chunks() if cache else ts.part_chunks(ctx, "train"),
                 lambda: ts.sample(ctx, "train", ROBUST_SAMPLE_ROWS, cfg.split.seed, False)[0],
             )
             storage.write_json(scaler_uri, to_state(scaler))

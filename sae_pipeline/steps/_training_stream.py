@@ -3,11 +3,12 @@
 ``split`` decides once per run, by size (rows x features x 4 bytes against
 ``training.in_memory_max_bytes``), and records the decision in ``split/plan.json``; every later
 step reads it from there, so all of them agree. Streamed, the split is ``parts.HashSplit`` (a
-hash of the row position), the scaler is fitted chunk by chunk, training reads shuffled batches
-from the shards (``engine.streaming``), and the steps that measure (evaluation, probes, the
-gate, registration's example) use fixed-size seeded samples of the parts they need
-(``evaluation.sample_rows`` rows of train and of test; ``training.val_sample_rows`` of
-validation for early stopping).
+hash of the row position); ``fit_scaler`` stores the training part once as row-major float32
+files and fits the scaler chunk by chunk; training reads shuffled batches from those files
+(or from the snapshot's shards with ``training.row_cache: false``; ``engine.streaming``); and
+the steps that measure (evaluation, probes, the gate, registration's example) use fixed-size
+seeded samples of the parts they need (``evaluation.sample_rows`` rows of train and of test;
+``training.val_sample_rows`` of validation for early stopping).
 """
 
 from __future__ import annotations
@@ -90,6 +91,21 @@ def dataset(ctx: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
     return data
 
 
+def train_cache(ctx: dict[str, Any], cfg: PipelineConfig, write: bool = True):
+    """The training part's row cache (``data.row_cache``): written on first use when
+    ``training.row_cache`` is on and ``write``; None when off or (``write`` False) absent."""
+    from sae_pipeline.data import row_cache
+
+    if not cfg.training.row_cache:
+        return None
+    uri = _uri(ctx, "scaler", "train_rows")
+    cache = row_cache.RowCache.open(uri)
+    if cache is None and write:
+        features = len(_snapshot(ctx)[1]["feature_columns"])
+        cache = row_cache.write(uri, part_chunks(ctx, "train"), features)
+    return cache
+
+
 def train_stream(ctx: dict[str, Any], cfg: PipelineConfig, batch_size: int, seed: int, device):
     """(``ShardStream`` of the training part, scaled validation sample as a tensor)."""
     from sae_pipeline.data.scaling import affine, from_state
@@ -112,6 +128,7 @@ def train_stream(ctx: dict[str, Any], cfg: PipelineConfig, batch_size: int, seed
         seed,
         device,
         buffer_rows=cfg.training.shuffle_buffer_rows,
+        cache=train_cache(ctx, cfg, write=False),
     )
     x_val, _ = sample(ctx, "val", cfg.training.val_sample_rows, cfg.split.seed, labels=False)
     return stream, trainer.as_tensor(x_val * mult + add, device)

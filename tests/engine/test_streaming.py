@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sae_pipeline.config import ModelConfig, PhaseConfig
-from sae_pipeline.data import parts
+from sae_pipeline.data import parts, row_cache
 from sae_pipeline.engine import trainer
 from sae_pipeline.engine.net import Architecture, build_net
 from sae_pipeline.engine.streaming import ShardStream
@@ -34,18 +34,28 @@ def data(tmp_path_factory):
     return x.astype(np.float32), parts.units(files)
 
 
-def _stream(units, batch=64, seed=0):
+@pytest.fixture(scope="module")
+def cache(data, tmp_path_factory):
+    """The same rows as a row cache (what fit_scaler writes), in files of 300 rows."""
+    x, _ = data
+    return row_cache.write(str(tmp_path_factory.mktemp("cache")), [x], 16, file_rows=300)
+
+
+def _stream(units, batch=64, seed=0, cache=None):
     ones, zeros = np.ones(16, np.float32), np.zeros(16, np.float32)
-    return ShardStream(units, COLUMNS, None, "train", 4096, ones, zeros, batch, seed, CPU, 1024)
+    return ShardStream(
+        units, COLUMNS, None, "train", 4096, ones, zeros, batch, seed, CPU, 1024, cache=cache
+    )
 
 
 def _net():
     return build_net(Architecture(16, [12, 4], output_activation="sigmoid"), seed=0)
 
 
-def test_the_stream_yields_every_row_once_per_epoch_in_a_new_order(data):
+@pytest.mark.parametrize("source", ["shards", "row cache"])
+def test_the_stream_yields_every_row_once_per_epoch_in_a_new_order(data, cache, source):
     x, units = data
-    stream = _stream(units)
+    stream = _stream(units, cache=cache if source == "row cache" else None)
     first = torch.cat(list(stream.epoch(0))).numpy()
     assert first.shape == (4096, 16)
     np.testing.assert_allclose(np.sort(first, axis=0), np.sort(x, axis=0))
@@ -56,7 +66,8 @@ def test_the_stream_yields_every_row_once_per_epoch_in_a_new_order(data):
     np.testing.assert_array_equal(skipped, first[20 * 64 :])
 
 
-def test_streamed_and_in_memory_training_give_the_same_loss_curve(data):
+@pytest.mark.parametrize("source", ["shards", "row cache"])
+def test_streamed_and_in_memory_training_give_the_same_loss_curve(data, cache, source):
     """Same data, model, seed and step count; only the batch order differs (a shuffling
     buffer of row groups vs a full permutation), so the curves agree within a tolerance,
     not exactly."""
@@ -67,7 +78,8 @@ def test_streamed_and_in_memory_training_give_the_same_loss_curve(data):
     )
     val = trainer.as_tensor(x[:512], CPU)
     curves = []
-    for stream in (None, _stream(units)):
+    streamed_from = _stream(units, cache=cache if source == "row cache" else None)
+    for stream in (None, streamed_from):
         net = _net()
         x_train = trainer.as_tensor(x, CPU) if stream is None else None
         hist = trainer.finetune(net, x_train, val, phase, model, seed=1, stream=stream)
@@ -97,7 +109,10 @@ class Killed(Exception):
     pass
 
 
-def test_a_killed_streamed_layer_task_resumes_mid_epoch_from_its_checkpoint(data, tmp_path):
+@pytest.mark.parametrize("source", ["shards", "row cache"])
+def test_a_killed_streamed_layer_task_resumes_mid_epoch_from_its_checkpoint(
+    data, cache, tmp_path, source
+):
     """Layer 2 (inputs through the frozen layer 1, on the fly): killed at step 100 of 128 in
     its second epoch, resumed from its last checkpoint (step 82 of that epoch, 210 overall),
     it ends with the same weights as a run that was never killed."""
@@ -113,8 +128,9 @@ def test_a_killed_streamed_layer_task_resumes_mid_epoch_from_its_checkpoint(data
             if step == kill_at:
                 raise Killed
 
+        stream = _stream(units, 32, cache=cache if source == "row cache" else None)
         hist = trainer.pretrain_layer(net, 1, None, val, phase, model, seed=1,
-                                      stream=_stream(units, 32), checkpoint=checkpoint,
+                                      stream=stream, checkpoint=checkpoint,
                                       checkpoint_every_steps=30, on_step=on_step)  # fmt: skip
         return net.state_dict(), hist
 

@@ -1,0 +1,140 @@
+"""One part of a snapshot as row-major float32 files: what the streaming trainer reads.
+
+The snapshot is columnar Parquet and holds every part's rows; a streamed training run reads
+its training part many times (each layer, each epoch). Read from the snapshot, every epoch
+decodes the Parquet pages, transposes the columns into rows and drops the validation and test
+rows it read. ``write`` stores the part once, unscaled, as raw float32 files of about
+``file_rows`` rows each (row-major, native byte order) plus an ``index.json`` naming them and
+their row counts; ``RowCache.read_into`` then reads a file straight into the shuffling
+buffer's rows, one ``readinto`` with no decoding and no transpose.
+
+    cache = row_cache.write(out_dir, chunks, features)   # fit_scaler, once per run
+    cache = row_cache.RowCache.open(out_dir)              # each layer task
+    for name, rows in cache.files_in_order(order_seed): ...
+
+The files are written to a staging folder and moved into place together; ``index.json`` is
+written last, so a reader finds a complete cache or none (a killed writer leaves only a
+staging folder, which the next attempt replaces).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from sae_pipeline import storage
+
+log = logging.getLogger(__name__)
+
+INDEX = "index.json"
+FORMAT = "row-major-float32/1"
+
+
+@dataclass(frozen=True)
+class RowCache:
+    """A written cache: its folder, width and files as (name, rows)."""
+
+    uri: str
+    features: int
+    files: tuple[tuple[str, int], ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(n for _, n in self.files)
+
+    @classmethod
+    def open(cls, uri: str) -> RowCache | None:
+        """The cache in ``uri``, or None when there is none (older runs, killed writers)."""
+        index_uri = storage.join(uri, INDEX)
+        if not storage.exists(index_uri):
+            return None
+        index = storage.read_json(index_uri)
+        if index.get("format") != FORMAT or index.get("byteorder") != _byteorder():
+            return None
+        files = tuple((f["name"], int(f["rows"])) for f in index["files"])
+        return cls(uri, int(index["features"]), files)
+
+    def files_in_order(self, order_seed: int | None) -> list[tuple[str, int]]:
+        """The files in a seeded random order (one per epoch); None keeps written order."""
+        order = list(range(len(self.files)))
+        if order_seed is not None:
+            np.random.default_rng(order_seed).shuffle(order)
+        return [self.files[i] for i in order]
+
+    def iter_chunks(self):
+        """The rows file by file, in written order (float32 arrays)."""
+        for name, n in self.files:
+            out = np.empty((n, self.features), dtype=np.float32)
+            self.read_into(name, out)
+            yield out
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Fill ``out`` (rows x features float32, C-contiguous) with the rows of file ``name``."""
+        uri = storage.join(self.uri, name)
+        if storage.is_local(uri):
+            with open(storage.local_path(uri), "rb", buffering=0) as fh:
+                view = memoryview(out.reshape(-1)).cast("B")
+                got = 0
+                while got < len(view):
+                    n = fh.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+            if got != len(view):
+                raise OSError(f"row cache file {uri} is short: {got} of {len(view)} bytes")
+            return
+        out[...] = np.frombuffer(storage.read_bytes(uri), dtype=np.float32).reshape(out.shape)
+
+
+def _byteorder() -> str:
+    import sys
+
+    return sys.byteorder
+
+
+def write(
+    out_dir: str, chunks: Iterable[np.ndarray], features: int, file_rows: int = 65_536
+) -> RowCache:
+    """Store ``chunks`` (float32 rows, any sizes) as files of ``file_rows`` rows (the last
+    shorter) under ``out_dir``; replace whatever a killed attempt left there."""
+    storage.remove(storage.join(out_dir, INDEX))
+    stage = storage.new_stage(out_dir)
+    buf = np.empty((file_rows, features), dtype=np.float32)
+    held, files, names = 0, [], {}
+
+    def flush() -> None:
+        nonlocal held
+        name = f"rows-{len(files):05d}.f32"
+        with storage.staged_writer(stage, name) as fh:
+            fh.write(memoryview(buf[:held].reshape(-1)).cast("B"))
+        files.append({"name": name, "rows": held})
+        names[name] = name
+        held = 0
+
+    try:
+        for x in chunks:
+            x = np.asarray(x, dtype=np.float32).reshape(-1, features)
+            start = 0
+            while start < len(x):
+                n = min(file_rows - held, len(x) - start)
+                buf[held : held + n] = x[start : start + n]
+                held, start = held + n, start + n
+                if held == file_rows:
+                    flush()
+        if held:
+            flush()
+        storage.commit(stage, out_dir, names)
+    except BaseException:
+        storage.remove(stage)
+        raise
+    index = {"format": FORMAT, "byteorder": _byteorder(), "features": features, "files": files}
+    storage.write_json(storage.join(out_dir, INDEX), index)
+    cache = RowCache(out_dir, features, tuple((f["name"], f["rows"]) for f in files))
+    log.info(
+        "row cache: %d rows x %d features in %d files under %s",
+        cache.rows, features, len(files), out_dir,
+    )  # fmt: skip
+    return cache
