@@ -20,6 +20,7 @@ staging folder, which the next attempt replaces).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ class RowCache:
         if not storage.exists(index_uri):
             return None
         index = storage.read_json(index_uri)
-        if index.get("format") != FORMAT or index.get("byteorder") != _byteorder():
+        if index.get("format") != FORMAT or index.get("byteorder") != sys.byteorder:
             return None
         files = tuple((f["name"], int(f["rows"])) for f in index["files"])
         return cls(uri, int(index["features"]), files)
@@ -87,12 +88,6 @@ class RowCache:
                 raise OSError(f"row cache file {uri} is short: {got} of {len(view)} bytes")
             return
         out[...] = np.frombuffer(storage.read_bytes(uri), dtype=np.float32).reshape(out.shape)
-
-
-def _byteorder() -> str:
-    import sys
-
-    return sys.byteorder
 
 
 def write(
@@ -130,7 +125,7 @@ def write(
     except BaseException:
         storage.remove(stage)
         raise
-    index = {"format": FORMAT, "byteorder": _byteorder(), "features": features, "files": files}
+    index = {"format": FORMAT, "byteorder": sys.byteorder, "features": features, "files": files}
     storage.write_json(storage.join(out_dir, INDEX), index)
     cache = RowCache(out_dir, features, tuple((f["name"], f["rows"]) for f in files))
     log.info(

@@ -54,7 +54,6 @@ class ShardStream:
         buffer_rows: int = 262_144,
         chunk_rows: int = 65_536,
         readahead: int = 2,
-        first_rows: int | None = None,
         cache: RowCache | None = None,
     ):
         self.plan, self.columns, self.split, self.part = plan, list(columns), split, part
@@ -68,7 +67,7 @@ class ShardStream:
         # training starts after one chunk is read, not a whole buffer (the read-ahead thread
         # overlaps the rest). Measured at 1M rows: a full first buffer took 0.3-0.6 s, as much
         # as a sixth of a 2-thread epoch, with nothing else to do.
-        self.first_rows = max(self.batch, min(self.buffer_rows, first_rows or chunk_rows))
+        self.first_rows = max(self.batch, min(self.buffer_rows, chunk_rows))
 
     def _sources(self, order_seed: int) -> Iterator[tuple[int, Callable[[torch.Tensor], Any]]]:
         """(rows, fill) per chunk of the part in the epoch's order: ``fill(out)`` writes the
