@@ -10,7 +10,7 @@ buffer's rows, one ``readinto`` with no decoding and no transpose.
 
     cache = row_cache.write(out_dir, chunks, features)   # fit_scaler, once per run
     cache = row_cache.RowCache.open(out_dir)              # each layer task
-    for name, rows in cache.files_in_order(order_seed): ...
+    for name, start, rows in cache.slices_in_order(order_seed, 16_384): ...
 
 The files are written to a staging folder and moved into place together; ``index.json`` is
 written last, so a reader finds a complete cache or none (a killed writer leaves only a
@@ -65,6 +65,18 @@ class RowCache:
             np.random.default_rng(order_seed).shuffle(order)
         return [self.files[i] for i in order]
 
+    def slices_in_order(self, order_seed: int, slice_rows: int) -> list[tuple[str, int, int]]:
+        """(file, first row, rows) of every ``slice_rows``-row slice of every file, in a seeded
+        random order (one per epoch): a shuffling buffer of a few files' size then mixes rows
+        from many places of the part, not from a few runs of neighbouring rows."""
+        pieces = [
+            (name, start, min(slice_rows, n - start))
+            for name, n in self.files
+            for start in range(0, n, slice_rows)
+        ]
+        order = np.random.default_rng(order_seed).permutation(len(pieces))
+        return [pieces[i] for i in order]
+
     def iter_chunks(self):
         """The rows file by file, in written order (float32 arrays)."""
         for name, n in self.files:
@@ -72,11 +84,13 @@ class RowCache:
             self.read_into(name, out)
             yield out
 
-    def read_into(self, name: str, out: np.ndarray) -> None:
-        """Fill ``out`` (rows x features float32, C-contiguous) with the rows of file ``name``."""
+    def read_into(self, name: str, out: np.ndarray, start: int = 0) -> None:
+        """Fill ``out`` (rows x features float32, C-contiguous) with the rows of file ``name``
+        from row ``start`` on."""
         uri = storage.join(self.uri, name)
         if storage.is_local(uri):
             with open(storage.local_path(uri), "rb", buffering=0) as fh:
+                fh.seek(start * self.features * 4)
                 view = memoryview(out.reshape(-1)).cast("B")
                 got = 0
                 while got < len(view):
@@ -87,7 +101,11 @@ class RowCache:
             if got != len(view):
                 raise OSError(f"row cache file {uri} is short: {got} of {len(view)} bytes")
             return
-        out[...] = np.frombuffer(storage.read_bytes(uri), dtype=np.float32).reshape(out.shape)
+        rows = np.frombuffer(storage.read_bytes(uri), dtype=np.float32).reshape(-1, self.features)
+        if start + len(out) > len(rows):
+            need = start + len(out)
+            raise OSError(f"row cache file {uri} is short: {len(rows)} rows, not {need}")
+        out[...] = rows[start : start + len(out)]
 
 
 def write(

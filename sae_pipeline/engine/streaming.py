@@ -1,17 +1,19 @@
 """Shuffled float32 mini-batches of a snapshot part, streamed from its shards.
 
-``ShardStream.epoch`` reads the part's chunks in a seeded order (one per epoch): the files of
-its row cache (``data.row_cache``, row-major float32, what ``fit_scaler`` writes) or, without
-one, the snapshot's row groups. It scales each chunk on the fly (the scaler's per-column affine
-map, in float32), fills a shuffling buffer of ``buffer_rows`` rows (several chunks; an epoch's
-first buffers are one chunk, then two, doubling up to it, so that training starts early),
+``ShardStream.epoch`` reads the part's chunks in a seeded order (one per epoch): slices of
+``slice_rows`` rows of its row cache's files (``data.row_cache``, row-major float32, what
+``fit_scaler`` writes) or, without one, the snapshot's row groups. It scales each chunk on the
+fly (the scaler's per-column affine map, in float32), fills a shuffling buffer of
+``buffer_rows`` rows (several chunks; an epoch's first buffers are smaller, doubling up to
+it, so that training starts early),
 permutes it and cuts it into batches; the rows a buffer leaves over (fewer than a batch) start
 the next one, and the epoch's last few are dropped like the in-memory loop's ragged last batch.
 A read-ahead thread prepares the next buffers while the current one trains, so reading and
 shuffling overlap compute. On CUDA each buffer is copied to pinned memory and on to the device
 with a non-blocking copy.
 
-Memory: about ``(2 + readahead) * buffer_rows * features * 4`` bytes, whatever the data size.
+Memory: about ``(2 + readahead) * buffer_rows * features * 4`` bytes for the buffers handed
+out and ``(buffer_rows + chunk) * features * 4`` for the stage, whatever the data size.
 Every epoch's order is a pure function of (seed, epoch), so a resumed task replays it exactly.
 """
 
@@ -51,8 +53,9 @@ class ShardStream:
         batch_size: int,
         seed: int,
         device: torch.device,
-        buffer_rows: int = 262_144,
+        buffer_rows: int = 131_072,
         chunk_rows: int = 65_536,
+        slice_rows: int = 16_384,
         readahead: int = 2,
         cache: RowCache | None = None,
     ):
@@ -62,7 +65,7 @@ class ShardStream:
         self.batch = min(batch_size, rows)
         self.seed, self.device = seed, device
         self.buffer_rows = max(buffer_rows, self.batch)
-        self.chunk_rows, self.readahead = chunk_rows, readahead
+        self.chunk_rows, self.slice_rows, self.readahead = chunk_rows, slice_rows, readahead
         # An epoch's first buffer is smaller, and the next ones double up to ``buffer_rows``:
         # training starts after one chunk is read, not a whole buffer (the read-ahead thread
         # overlaps the rest). Measured at 1M rows: a full first buffer took 0.3-0.6 s, as much
@@ -74,8 +77,11 @@ class ShardStream:
         chunk's unscaled rows into ``out`` (rows x features, contiguous)."""
         if self.cache is not None:
             cache = self.cache
-            for name, n in cache.files_in_order(order_seed):
-                yield n, lambda out, name=name: cache.read_into(name, out.numpy())
+            for name, start, n in cache.slices_in_order(order_seed, self.slice_rows):
+                yield (
+                    n,
+                    lambda out, name=name, start=start: cache.read_into(name, out.numpy(), start),
+                )
             return
         batches = parts.iter_batches(
             self.plan, self.columns, self.split, self.part, self.chunk_rows, order_seed
@@ -102,8 +108,8 @@ class ShardStream:
         order_seed = int(rng.integers(2**63))
         gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
         mult, add = torch.from_numpy(self.mult), torch.from_numpy(self.add)
-        largest = max((n for _, n in self.cache.files), default=0) if self.cache else 0
-        stage = torch.empty((self.buffer_rows + max(self.chunk_rows, largest), len(self.columns)))
+        piece = self.slice_rows if self.cache is not None else self.chunk_rows
+        stage = torch.empty((self.buffer_rows + piece, len(self.columns)))
         held, target = 0, self.first_rows
         for n, fill in self._sources(order_seed):
             rows = stage[held : held + n]
