@@ -104,9 +104,10 @@ class DataConfig(_Section):
     )
     in_memory_max_bytes: Annotated[int, Field(ge=0)] = Field(
         256 * 2**20,
-        description="Ingest and validate a Parquet source in memory when rows x columns x 8 "
-        "bytes is at most this; otherwise chunk by chunk, with memory bounded by the chunk "
-        "(docs/engine-scaling.md). Other sources are always read in memory.",
+        description="Ingest and validate a Parquet or CSV source in memory when rows x columns "
+        "x 8 bytes (for a CSV estimated from its byte size) is at most this; otherwise chunk by "
+        "chunk, with memory bounded by the chunk (docs/engine-scaling.md). SQL and scikit-learn "
+        "sources are always read in memory.",
     )
     validation: ValidationConfig = ValidationConfig()
 

@@ -1,8 +1,9 @@
 """Ingest: a source read, validated and written as a snapshot, in memory or chunk by chunk.
 
-Small data keeps the in-memory path (``snapshot.write_snapshot``). A Parquet source larger
-than ``data.in_memory_max_bytes`` (rows x columns x 8 bytes, its size as a frame of float64s)
-is streamed instead: read one record batch at a time (``sources.ParquetStream``), checked
+Small data keeps the in-memory path (``snapshot.write_snapshot``). A Parquet or CSV source
+larger than ``data.in_memory_max_bytes`` (rows x columns x 8 bytes, its size as a frame of
+float64s; for a CSV estimated from its byte size, see ``sources.CsvStream``) is streamed
+instead: read one chunk at a time (``sources.ParquetStream``, ``sources.CsvStream``), checked
 chunk by chunk (``_stream_validation``), and written as row-group shards into a staging
 folder that is committed only once every row has passed (``storage.commit``): a rejected
 batch leaves nothing behind. The snapshot's content hash is computed as the shards are
@@ -22,7 +23,7 @@ from sae_pipeline.data import snapshot
 from sae_pipeline.data._exact import table_to_frame
 from sae_pipeline.data._stream_validation import StreamValidator
 from sae_pipeline.data.contract import ContentHasher, Contract
-from sae_pipeline.data.sources import ParquetStream, describe_source, source_format
+from sae_pipeline.data.sources import CsvStream, ParquetStream, describe_source, source_format
 from sae_pipeline.data.validation import REASON_COLUMN, ROW_COLUMN
 from sae_pipeline.errors import DataError
 
@@ -32,13 +33,18 @@ ROW_GROUP = 65_536  # rows per Parquet row group: the unit streamed training shu
 CHUNK_ROWS = 65_536  # rows read, checked and written at a time
 
 
-def open_stream(cfg: DataConfig, source: str | None = None) -> ParquetStream | None:
-    """The source as a ``ParquetStream`` when it should be streamed, else None (in memory).
+def open_stream(cfg: DataConfig, source: str | None = None) -> ParquetStream | CsvStream | None:
+    """The source as a ``ParquetStream`` or ``CsvStream`` when it should be streamed, else None
+    (in memory). ``source``, when given, is a Parquet file or folder read instead of
+    ``cfg.source``.
 
-    Only Parquet sources stream; CSV, SQL and scikit-learn sources are read whole.
+    Only Parquet and CSV sources stream; SQL and scikit-learn sources are read whole.
     """
-    if source is None and source_format(cfg) != "parquet":
-        log.info("ingest: %s source: read in memory", source_format(cfg))
+    fmt = "parquet" if source is not None else source_format(cfg)
+    if fmt == "csv":
+        return _open_csv(cfg)
+    if fmt != "parquet":
+        log.info("ingest: %s source: read in memory", fmt)
         return None
     stream = ParquetStream(source or cfg.source, CHUNK_ROWS)
     big = stream.nbytes > cfg.in_memory_max_bytes
@@ -47,6 +53,25 @@ def open_stream(cfg: DataConfig, source: str | None = None) -> ParquetStream | N
         "(%.1f MiB): %s",
         stream.rows,
         len(stream.columns or []),
+        stream.nbytes / 2**20,
+        ">" if big else "<=",
+        cfg.in_memory_max_bytes / 2**20,
+        f"streamed in chunks of {CHUNK_ROWS} rows" if big else "read in memory",
+    )
+    return stream if big else None
+
+
+def _open_csv(cfg: DataConfig) -> CsvStream | None:
+    """A CSV source is sized from its bytes and a sample (no full read before the decision)."""
+    stream = CsvStream(cfg.source, CHUNK_ROWS, cfg.id_column)
+    big = stream.nbytes > cfg.in_memory_max_bytes
+    log.info(
+        "ingest: CSV of %.1f MiB%s, about %d rows x %d columns = %.1f MiB as float64 %s "
+        "data.in_memory_max_bytes (%.1f MiB): %s",
+        stream.file_bytes / 2**20,
+        " (compressed)" if stream.compressed else "",
+        stream.estimated_rows,
+        stream.estimated_columns,
         stream.nbytes / 2**20,
         ">" if big else "<=",
         cfg.in_memory_max_bytes / 2**20,
@@ -146,7 +171,7 @@ class ShardWriter:
 
 
 def write_snapshot_stream(
-    stream: ParquetStream,
+    stream: ParquetStream | CsvStream,
     cfg: DataConfig,
     out_dir: str,
     contract: Contract | None = None,
@@ -229,7 +254,7 @@ def write_snapshot_stream(
     return manifest
 
 
-def copy_raw(stream: ParquetStream, out_dir: str, shard_rows: int) -> dict[str, Any]:
+def copy_raw(stream: ParquetStream | CsvStream, out_dir: str, shard_rows: int) -> dict[str, Any]:
     """The source copied as it is into ``out_dir`` (shards of ``shard_rows`` rows), chunk by
     chunk, committed at the end; its content hash computed on the way."""
     stage = storage.new_stage(out_dir)

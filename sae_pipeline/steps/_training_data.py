@@ -26,7 +26,7 @@ def ingest(ctx: dict[str, Any]) -> dict[str, Any]:
     manifest_uri = _uri(ctx, "ingest", "manifest.json")
     if storage.exists(manifest_uri):
         return storage.read_json(manifest_uri)
-    stream = open_stream(cfg.data)  # a large Parquet source: copied chunk by chunk
+    stream = open_stream(cfg.data)  # a large Parquet or CSV source: copied chunk by chunk
     if stream is not None:
         raw = copy_raw(stream, _uri(ctx, "ingest", "raw"), cfg.data.snapshot_shard_rows)
         manifest = {

@@ -27,13 +27,17 @@ def test_an_unlabelled_batch_against_a_labelled_contract_splits(tmp_path):
     assert out["rows_train"] + out["rows_val"] + out["rows_test"] == 60
 
 
-def test_large_parquet_sources_are_ingested_and_validated_in_chunks(tmp_path, store, caplog):
-    """The DAG's ingest and validate steps stream a Parquet source past
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_large_sources_are_ingested_and_validated_in_chunks(tmp_path, store, caplog, suffix):
+    """The DAG's ingest and validate steps stream a Parquet or CSV source past
     data.in_memory_max_bytes, and give the snapshot the in-memory steps give."""
     import logging
 
-    src = tmp_path / "src.parquet"
-    clean_frame(n=400).to_parquet(src, index=False)
+    src = tmp_path / f"src.{suffix}"
+    if suffix == "csv":
+        clean_frame(n=400).to_csv(src, index=False)
+    else:
+        clean_frame(n=400).to_parquet(src, index=False)
     caplog.set_level(logging.INFO)
     hashes = {}
     for name, limit in (("memory", 2**30), ("stream", 0)):
