@@ -26,6 +26,21 @@ def test_rows_come_back_in_order_in_files_of_the_set_size(tmp_path):
     np.testing.assert_array_equal(out, np.vstack(chunks)[16:32])
 
 
+def test_slices_cover_every_row_once_in_an_order_set_by_the_seed(tmp_path):
+    chunks = _chunks(np.random.default_rng(0), [50])
+    cache = row_cache.write(str(tmp_path / "c"), chunks, 5, file_rows=16)  # 16, 16, 16, 2
+    pieces = cache.slices_in_order(3, 6)
+    assert pieces == cache.slices_in_order(3, 6) and pieces != cache.slices_in_order(4, 6)
+    assert sorted(n for _, _, n in pieces) == [2] + [4] * 3 + [6] * 6
+    rows = []
+    for name, start, n in pieces:
+        out = np.empty((n, 5), np.float32)
+        cache.read_into(name, out, start)
+        rows.append(out)
+    got = np.concatenate(rows)
+    np.testing.assert_array_equal(got[np.lexsort(got.T)], chunks[0][np.lexsort(chunks[0].T)])
+
+
 def test_the_file_order_is_a_function_of_the_seed(tmp_path):
     cache = row_cache.write(str(tmp_path / "c"), _chunks(np.random.default_rng(0), [100]), 5, 8)
     first = cache.files_in_order(3)

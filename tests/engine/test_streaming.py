@@ -44,8 +44,9 @@ def cache(data, tmp_path_factory):
 def _stream(units, batch=64, seed=0, cache=None):
     ones, zeros = np.ones(16, np.float32), np.zeros(16, np.float32)
     return ShardStream(
-        units, COLUMNS, None, "train", 4096, ones, zeros, batch, seed, CPU, 1024, cache=cache
-    )
+        units, COLUMNS, None, "train", 4096, ones, zeros, batch, seed, CPU, 1024,
+        slice_rows=100, cache=cache,
+    )  # fmt: skip
 
 
 def _net():
