@@ -2,8 +2,8 @@
 
 Small data keeps the in-memory path (``snapshot.write_snapshot``). A Parquet or CSV source
 larger than ``data.in_memory_max_bytes`` (rows x columns x 8 bytes, its size as a frame of
-float64s; for a CSV estimated from its byte size, see ``sources.CsvStream``) is streamed
-instead: read one chunk at a time (``sources.ParquetStream``, ``sources.CsvStream``), checked
+float64s; for a CSV estimated from its byte size, see ``csv_stream.CsvStream``) is streamed
+instead: read one chunk at a time (``sources.ParquetStream``, ``csv_stream.CsvStream``), checked
 chunk by chunk (``_stream_validation``), and written as row-group shards into a staging
 folder that is committed only once every row has passed (``storage.commit``): a rejected
 batch leaves nothing behind. The snapshot's content hash is computed as the shards are
@@ -23,7 +23,8 @@ from sae_pipeline.data import snapshot
 from sae_pipeline.data._exact import table_to_frame
 from sae_pipeline.data._stream_validation import StreamValidator
 from sae_pipeline.data.contract import ContentHasher, Contract
-from sae_pipeline.data.sources import CsvStream, ParquetStream, describe_source, source_format
+from sae_pipeline.data.csv_stream import CsvStream
+from sae_pipeline.data.sources import ParquetStream, describe_source, source_format
 from sae_pipeline.data.validation import REASON_COLUMN, ROW_COLUMN
 from sae_pipeline.errors import DataError
 

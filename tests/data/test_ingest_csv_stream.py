@@ -1,4 +1,4 @@
-"""A CSV source streamed (``sources.CsvStream``) against the in-memory path (``read_csv``):
+"""A CSV source streamed (``csv_stream.CsvStream``) against the in-memory path (``read_csv``):
 the same rows and types whatever the chunk size, the same snapshot, the same errors."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from sae_pipeline.config import DataConfig
-from sae_pipeline.data import ingest, snapshot, sources
-from sae_pipeline.data.sources import CsvStream, read_csv, read_source
+from sae_pipeline.data import csv_stream, ingest, snapshot
+from sae_pipeline.data.csv_stream import CsvStream
+from sae_pipeline.data.sources import read_csv, read_source
 from sae_pipeline.errors import DataError
 
 
@@ -99,7 +100,7 @@ def test_a_type_change_in_the_last_chunk_gives_the_in_memory_result(tmp_path, mo
 
 def test_chunks_hold_what_read_csv_reads_whatever_the_chunk_size(tmp_path, monkeypatch):
     """Each mix of values pandas promotes when it reads the whole file, split across chunks."""
-    monkeypatch.setattr(sources, "_BLOCK", 3)  # "é" (2 bytes) across the UTF-8 check's blocks
+    monkeypatch.setattr(csv_stream, "_BLOCK", 3)  # "é" (2 bytes) across the UTF-8 check's blocks
     columns = {
         "int_then_blank": ["1"] * 9 + [""],
         "int_then_float": ["1"] * 9 + ["2.5"],
@@ -141,7 +142,7 @@ def _bad_csvs():
 def test_a_bad_csv_fails_streamed_as_in_memory(tmp_path, monkeypatch, case):
     """The one-line error of read_csv, and nothing written: the file is scanned (UTF-8, header,
     every row) before the first shard is staged."""
-    monkeypatch.setattr(sources, "_BLOCK", 7)  # multi-byte characters across read blocks
+    monkeypatch.setattr(csv_stream, "_BLOCK", 7)  # multi-byte characters across read blocks
     path = tmp_path / "bad.csv"
     path.write_bytes(_bad_csvs()[case])
     cfg = DataConfig(source=str(path))
@@ -172,7 +173,7 @@ def test_the_ingest_command_streams_a_csv_or_fails_in_one_line(tmp_path):
 
 
 def test_the_size_is_estimated_from_a_sample(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "CSV_SAMPLE_BYTES", 4096)  # the file is larger than the sample
+    monkeypatch.setattr(csv_stream, "CSV_SAMPLE_BYTES", 4096)  # the file is larger than the sample
     src = _write(_frame(n=2000), tmp_path / "src.csv")
     stream = CsvStream(src)
     assert stream.estimated_columns == 6
