@@ -125,6 +125,18 @@ def new_stage(out_dir: str) -> str:
     return join(out_dir, f"_staging-{uuid.uuid4().hex[:12]}")
 
 
+def remove_stages(out_dir: str) -> None:
+    """Delete the staging folders killed writers left under ``out_dir`` (before a retry)."""
+    if is_local(out_dir):
+        path = local_path(out_dir)
+        for stage in sorted(path.glob("_staging-*")) if path.is_dir() else []:
+            remove(str(stage))
+        return
+    fs, path = fsspec.core.url_to_fs(out_dir)
+    for stage in fs.glob(join(path, "_staging-*")):
+        fs.rm(stage, recursive=True)
+
+
 @contextlib.contextmanager
 def staged_writer(stage: str, name: str):
     """A binary file handle writing ``name`` inside the staging folder ``stage``."""
