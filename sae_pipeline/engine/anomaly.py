@@ -16,7 +16,10 @@ score combines, per member and each in robust z units of the training rows:
   it reconstructs badly);
 * the distance from the row's code to its ``n_neighbors``-th nearest code of the member's sample
   (a density score on the codes: an anomaly can be reconstructed well yet lie where no normal
-  row does).
+  row does);
+* how early ``n_trees`` isolation trees grown on the member's sample isolate the row (Liu et al.,
+  ICDM 2008): a view that needs no model of the data, so it catches rows that sit apart from
+  the rest in a few features even where the small net has learned to reconstruct them.
 
 The detector's state (scaler, members' weights, normalisers) is plain arrays: ``to_state``
 returns it as JSON-able metadata plus arrays (no pickle), which the registered encoder's
@@ -63,8 +66,9 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
 
     ``contamination="auto"`` puts the threshold at ``AUTO_OFFSET`` (3 robust standard
     deviations of the training rows' scores); a fraction puts it at that percentile of the
-    training rows' scores. ``knn_weight`` balances the code-density score (1) against the
-    normalised reconstruction error (0).
+    training rows' scores. ``isolation_weight`` is the isolation depth's share of a member's
+    score; ``knn_weight`` splits the rest between the code-density score (1) and the normalised
+    reconstruction error (0).
     """
 
     _parameter_constraints: ClassVar[dict] = {
@@ -73,6 +77,8 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
         "epochs": [Interval(Integral, 1, None, closed="left")],
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "knn_weight": [Interval(Real, 0, 1, closed="both")],
+        "isolation_weight": [Interval(Real, 0, 1, closed="both")],
+        "n_trees": [Interval(Integral, 1, None, closed="left")],
         "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
         "random_state": ["random_state"],
     }
@@ -85,6 +91,8 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
         epochs: int = 20,
         n_neighbors: int = 5,
         knn_weight: float = 0.25,
+        isolation_weight: float = 0.25,
+        n_trees: int = 10,
         contamination: str | float = "auto",
         random_state: int | np.random.RandomState | None = None,
     ):
@@ -93,6 +101,8 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
         self.epochs = epochs
         self.n_neighbors = n_neighbors
         self.knn_weight = knn_weight
+        self.isolation_weight = isolation_weight
+        self.n_trees = n_trees
         self.contamination = contamination
         self.random_state = random_state
 
@@ -119,12 +129,15 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
         finally:
             torch.set_num_threads(threads)
         parts = [self._member_components(member, xs) for member in self.members_]
-        self.norms_ = np.array([[_median_spread(v) for v in pair] for pair in parts])
-        w = self.knn_weight
+        self.norms_ = np.array([[_median_spread(v) for v in views] for views in parts])
+        weights = ops.view_weights(self.knn_weight, self.isolation_weight)
         raw = np.mean(
             [
-                (1.0 - w) * (err - norm[0, 0]) / norm[0, 1] + w * (knn - norm[1, 0]) / norm[1, 1]
-                for (err, knn), norm in zip(parts, self.norms_, strict=True)
+                sum(
+                    w * (v - norm[j, 0]) / norm[j, 1]
+                    for j, (w, v) in enumerate(zip(weights, views, strict=True))
+                )
+                for views, norm in zip(parts, self.norms_, strict=True)
             ],
             axis=0,
         )  # (n,) outlyingness averaged over the members
@@ -166,14 +179,22 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
         weights = [state[k].detach().double().numpy().copy() for k in names]
         codes, recon = ops.member_forward(weights, sample)
         feature_error = np.mean((recon - sample) ** 2, axis=0) + ERROR_FLOOR  # (d,)
-        return {"weights": weights, "codes": codes, "feature_error": feature_error}
+        member = {"weights": weights, "codes": codes, "feature_error": feature_error}
+        if self.isolation_weight > 0:
+            trees = ops.isolation_trees(sample, self.n_trees, np.random.default_rng(seed))
+            member |= dict(zip(ops.TREE_ARRAYS, trees, strict=True))
+        return member
 
     def _member_components(self, member: dict[str, Any], xs: np.ndarray):
         codes, recon = ops.member_forward(member["weights"], xs)
         err = np.mean((recon - xs) ** 2 / member["feature_error"], axis=1)  # (n,)
         k = min(self.n_neighbors, len(member["codes"]))
         knn = ops.kth_neighbour_distance(codes, member["codes"], k)  # (n,)
-        return np.log1p(err), np.log1p(knn)
+        if self.isolation_weight > 0:
+            iso = -ops.isolation_depth(*(member[a] for a in ops.TREE_ARRAYS), xs)  # (n,)
+        else:
+            iso = np.zeros(len(xs))
+        return np.log1p(err), np.log1p(knn), iso
 
     # ---- scoring -------------------------------------------------------------------------------
     def score_samples(self, X) -> np.ndarray:
@@ -195,10 +216,11 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
         """(JSON-able metadata, named float64 arrays): everything ``score_state`` needs."""
         check_is_fitted(self, "members_")
         meta: dict[str, Any] = {
-            "kind": "sae-ensemble/1",
+            "kind": ops.KIND,
             "n_members": len(self.members_),
             "n_neighbors": int(self.n_neighbors),
             "knn_weight": float(self.knn_weight),
+            "isolation_weight": float(self.isolation_weight),
             "score_center": self.score_center_,
             "score_scale": self.score_scale_,
             "offset": float(self.offset_),
@@ -210,6 +232,9 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
                 arrays[f"m{i}.w{j}"] = w
             arrays[f"m{i}.codes"] = member["codes"]
             arrays[f"m{i}.feature_error"] = member["feature_error"]
+            for name in ops.TREE_ARRAYS:
+                if name in member:
+                    arrays[f"m{i}.{name}"] = member[name]
         return meta, arrays
 
     def __sklearn_tags__(self):

@@ -109,7 +109,7 @@ def encoder_from_files(config_path: str | Path, weights_path: str | Path) -> Enc
     net.load_state_dict(runtime.load_weights(weights_path))
     anomaly = None
     section = config.get("anomaly") or {}
-    if section.get("kind") == runtime.DETECTOR_KIND:
+    if section.get("kind") in runtime.DETECTOR_KINDS:
         anomaly = (section, runtime.load_arrays(Path(config_path).with_name("anomaly.npz")))
     contract, scaler = Contract.from_dict(config["contract"]), from_state(config["scaler"])
     return Encoder(contract, scaler, net.eval(), anomaly)

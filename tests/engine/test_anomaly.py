@@ -6,6 +6,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from sae_pipeline import SAEAnomalyDetector
+from sae_pipeline.engine import _anomaly_ops as ops
 from sae_pipeline.engine.anomaly import layer_sizes
 
 FAST = {"n_estimators": 3, "epochs": 4, "random_state": 0}
@@ -52,9 +53,32 @@ def test_same_seed_same_scores_and_state_is_plain_arrays(blobs):
     np.testing.assert_array_equal(a, det.score_samples(x[:50]))
     meta, arrays = det.to_state()
     assert meta["n_members"] == 3
-    assert all(isinstance(v, np.ndarray) and v.dtype == np.float64 for v in arrays.values())
+    assert all(isinstance(v, np.ndarray) for v in arrays.values())
+    ints = {k for k, v in arrays.items() if v.dtype == np.int64}
+    assert ints == {f"m{i}.tree_feature" for i in range(3)}  # the trees' split features
+    assert all(v.dtype == np.float64 for k, v in arrays.items() if k not in ints)
 
 
 @pytest.mark.parametrize(("width", "expected"), [(1, (8, 2)), (6, (12, 2)), (21, (42, 6))])
 def test_layer_sizes_follow_the_width(width, expected):
     assert layer_sizes(width) == expected
+
+
+def test_isolation_trees_isolate_a_far_row_sooner_than_the_sample_rows():
+    rng = np.random.default_rng(0)
+    sample = rng.normal(size=(256, 4))
+    trees = ops.isolation_trees(sample, 20, np.random.default_rng(1))
+    assert trees[0].shape == (20, 2**9 - 1)  # depth ceil(log2 256) = 8, heap-ordered
+    depth = ops.isolation_depth(*trees, np.vstack([sample, [[6.0, -6.0, 6.0, 6.0]]]))
+    assert depth[-1] < 4 < np.percentile(depth[:-1], 5)  # isolated at one of the first cuts
+    # c(n), the mean unsuccessful-search depth of a random BST (Liu et al. 2008)
+    np.testing.assert_allclose(ops.average_path_length([1, 2, 256]), [0.0, 1.0, 10.2448], atol=1e-4)
+
+
+def test_isolation_weight_zero_scores_without_trees(blobs):
+    x, _ = blobs
+    det = SAEAnomalyDetector(**FAST, isolation_weight=0.0).fit(x)
+    meta, arrays = det.to_state()
+    assert not any("tree_" in k for k in arrays) and meta["isolation_weight"] == 0.0
+    with_trees = SAEAnomalyDetector(**FAST).fit(x)
+    assert not np.allclose(det.score_samples(x[:50]), with_trees.score_samples(x[:50]))

@@ -89,9 +89,9 @@ def test_a_fitted_detector_travels_as_plain_arrays_and_scores_the_same(digits, t
     det = SAEAnomalyDetector(n_estimators=2, epochs=3, random_state=0).fit(frame.to_numpy())
     encoder = dataclasses.replace(make_encoder(digits), anomaly=det.to_state())
     files = bundle.write_encoder_bundle(encoder, tmp_path)
-    assert json.loads(Path(files["config"]).read_text())["anomaly"]["kind"] == "sae-ensemble/1"
+    assert json.loads(Path(files["config"]).read_text())["anomaly"]["kind"] == "sae-ensemble/2"
     with np.load(files["anomaly"], allow_pickle=False) as z:
-        assert "m0.w0" in z.files
+        assert {"m0.w0", "m0.tree_feature"} <= set(z.files)
     served = runtime.EncoderBundle.load(files["config"], files["weights"], files["anomaly"])
     out = served.predict(frame.head(80), {"output": "anomaly"})
     want = -det.score_samples(frame.head(80).to_numpy())
@@ -99,6 +99,19 @@ def test_a_fitted_detector_travels_as_plain_arrays_and_scores_the_same(digits, t
     np.testing.assert_array_equal(out["is_anomaly"], want > -det.offset_)
     engine = bundle.encoder_from_files(files["config"], files["weights"])
     np.testing.assert_allclose(engine.transform(frame.head(80), "anomaly")["anomaly_score"], want)
+
+
+def test_a_bundle_of_the_first_detector_kind_still_scores(digits):
+    """Versions registered before isolation trees (kind /1: error and code density only)."""
+    from sae_pipeline import SAEAnomalyDetector
+
+    x = digits.drop(columns="target").to_numpy()
+    det = SAEAnomalyDetector(n_estimators=2, epochs=3, isolation_weight=0.0, random_state=0)
+    meta, arrays = det.fit(x).to_state()
+    meta = {k: v for k, v in meta.items() if k != "isolation_weight"} | {"kind": "sae-ensemble/1"}
+    arrays["norms"] = arrays["norms"][:, :2]  # (members, 2 views, 2)
+    got = runtime.detector_outlyingness(meta, arrays, x[:80])
+    np.testing.assert_allclose(got, -det.score_samples(x[:80]), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize(

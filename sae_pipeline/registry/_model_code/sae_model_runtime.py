@@ -16,9 +16,10 @@ An encoder bundle is two files:
 
   - ``anomaly``: ``{"center": c, "scale": s, "threshold": t}``: ``anomaly_score`` =
     (reconstruction_error - c) / s and ``is_anomaly`` = score > t; or, with ``"kind":
-    "sae-ensemble/1"``, the metadata of ``SAEAnomalyDetector.to_state`` (its arrays in
-    ``anomaly.npz``): ``anomaly_score`` = the detector's outlyingness of the raw rows (minus its
-    ``score_samples``) and ``is_anomaly`` = score > its ``threshold``;
+    "sae-ensemble/1"`` or ``"sae-ensemble/2"`` (/2 adds isolation trees), the metadata of
+    ``SAEAnomalyDetector.to_state`` (its arrays in ``anomaly.npz``): ``anomaly_score`` = the
+    detector's outlyingness of the raw rows (minus its ``score_samples``) and ``is_anomaly`` =
+    score > its ``threshold``;
   - ``probe``: ``{"classes": [...], "coef": [[...]] (classes, code), "intercept": [...]}``: a
     linear classifier on the codes, ``probe_label`` = the arg-max class.
 
@@ -264,7 +265,7 @@ class Net:
 
 
 # ---- the anomaly detector (a copy of sae_pipeline.engine._anomaly_ops.state_outlyingness) -------
-DETECTOR_KIND = "sae-ensemble/1"
+DETECTOR_KINDS = ("sae-ensemble/1", "sae-ensemble/2")  # /2 adds isolation trees
 
 
 def _kth_distance(q: np.ndarray, p: np.ndarray, k: int, chunk: int = 4096) -> np.ndarray:
@@ -277,10 +278,26 @@ def _kth_distance(q: np.ndarray, p: np.ndarray, k: int, chunk: int = 4096) -> np
     return out
 
 
+def _isolation_depth(feature: np.ndarray, threshold: np.ndarray, value: np.ndarray, x):
+    """Mean path length of each row over heap-ordered isolation trees (children 2i+1, 2i+2)."""
+    rows, total = np.arange(len(x)), np.zeros(len(x))
+    for f, thr, val in zip(feature, threshold, value, strict=True):
+        node = np.zeros(len(x), dtype=np.int64)
+        for _ in range(int(np.log2(feature.shape[1] + 1)) - 1):
+            feat = f[node]
+            right = x[rows, np.maximum(feat, 0)] >= thr[node]
+            node = np.where(feat >= 0, 2 * node + 1 + right, node)
+        total += val[node]
+    return total / len(feature)
+
+
 def detector_outlyingness(meta: dict, arrays: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    """Outlyingness of raw rows (higher = stranger): members' normalised error and code kNN."""
+    """Outlyingness of raw rows (higher = stranger): each member's normalised error, code kNN
+    distance and (kind /2) isolation depth, in robust z units, weighted and averaged."""
     xs = (np.asarray(x, dtype=np.float64) - arrays["center"]) / arrays["scale"]  # (rows, d)
-    norms, w, n = arrays["norms"], float(meta["knn_weight"]), int(meta["n_members"])
+    norms, n = arrays["norms"], int(meta["n_members"])
+    iso_w, knn_w = float(meta.get("isolation_weight", 0.0)), float(meta["knn_weight"])
+    weights = ((1.0 - iso_w) * (1.0 - knn_w), (1.0 - iso_w) * knn_w, iso_w)
     total = np.zeros(len(xs))
     for i in range(n):
         w1, b1, w2, b2, v2, c2, v1, c1 = (arrays[f"m{i}.w{j}"] for j in range(8))
@@ -288,9 +305,12 @@ def detector_outlyingness(meta: dict, arrays: dict[str, np.ndarray], x: np.ndarr
         recon = np.maximum(code @ v2.T + c2, 0.0) @ v1.T + c1  # (rows, d)
         err = np.log1p(np.mean((recon - xs) ** 2 / arrays[f"m{i}.feature_error"], axis=1))
         ref = arrays[f"m{i}.codes"]
-        knn = np.log1p(_kth_distance(code, ref, min(int(meta["n_neighbors"]), len(ref))))
-        total += (1.0 - w) * (err - norms[i, 0, 0]) / norms[i, 0, 1]
-        total += w * (knn - norms[i, 1, 0]) / norms[i, 1, 1]
+        views = [err, np.log1p(_kth_distance(code, ref, min(int(meta["n_neighbors"]), len(ref))))]
+        if iso_w > 0:
+            trees = (arrays[f"m{i}.tree_{a}"] for a in ("feature", "threshold", "value"))
+            views.append(-_isolation_depth(*trees, xs))
+        for j, v in enumerate(views):
+            total += weights[j] * (v - norms[i, j, 0]) / norms[i, j, 1]
     return (total / n - meta["score_center"]) / meta["score_scale"]
 
 
@@ -323,7 +343,7 @@ class EncoderBundle:
             raise ValueError("feature columns, scaler and network input sizes disagree")
         self.anomaly = config.get("anomaly")
         self.detector = detector
-        if self.anomaly and self.anomaly.get("kind") == DETECTOR_KIND and detector is None:
+        if self.anomaly and self.anomaly.get("kind") in DETECTOR_KINDS and detector is None:
             raise ValueError("the anomaly section needs the detector's arrays (anomaly.npz)")
         self.probe = config.get("probe")
         if self.probe is not None:
@@ -379,7 +399,7 @@ class EncoderBundle:
                 parts[ERROR_COLUMN] = err
             if self.anomaly and output in ("all", "anomaly"):
                 a = self.anomaly
-                if a.get("kind") == DETECTOR_KIND:  # the detector reads the raw rows
+                if a.get("kind") in DETECTOR_KINDS:  # the detector reads the raw rows
                     score = detector_outlyingness(a, self.detector, x)
                 else:
                     score = (err.astype(np.float64) - a.get("center", 0.0)) / a.get("scale", 1.0)
