@@ -264,6 +264,11 @@ class AnomalyConfig(_Section):
     n_estimators: PositiveInt = 10
     max_samples: Annotated[int, Field(ge=2)] = 256
     epochs: PositiveInt = 20
+    isolation_weight: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.25,
+        description="The isolation trees' share of each member's score (0: reconstruction "
+        "error and code density only, as versions before sae-ensemble/2).",
+    )
 
 
 class GateConfig(_Section):

@@ -58,6 +58,7 @@ def fit_anomaly(ctx: dict[str, Any], net) -> dict[str, Any]:
         n_estimators=a.n_estimators,
         max_samples=a.max_samples,
         epochs=a.epochs,
+        isolation_weight=a.isolation_weight,
         contamination=a.contamination,
         random_state=cfg.training.seed,
     ).fit(x_train)
