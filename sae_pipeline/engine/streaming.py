@@ -13,8 +13,8 @@ shuffling overlap compute. On CUDA each buffer is copied to pinned memory and on
 with a non-blocking copy.
 
 Memory: ``(3 + readahead) * (buffer_rows + chunk) * features * 4`` bytes (a chunk: a slice of
-the row cache or a row group), for the stage and the ring of buffers handed out, allocated once
-per epoch, whatever the data size.
+the row cache or a row group), for the stage and the buffers alive at once (one being filled,
+``readahead`` waiting, one training), whatever the data size.
 Every epoch's order is a pure function of (seed, epoch), so a resumed task replays it exactly.
 """
 
@@ -112,12 +112,7 @@ class ShardStream:
         piece = self.slice_rows if self.cache is not None else self.chunk_rows
         width = len(self.columns)
         stage = torch.empty((self.buffer_rows + piece, width))
-        # The buffers handed out are a ring allocated once per epoch, not one allocation each:
-        # ``readahead`` wait in the queue, the consumer holds one and the next is being filled,
-        # so a slot is free again by the time it comes round. Fresh 32 MiB buffers each time
-        # left the allocator's heap fragmented, and peak memory varied by 0.1 GiB between runs.
-        ring = [torch.empty_like(stage) for _ in range(self.readahead + 2)]
-        held, target, turn = 0, self.first_rows, 0
+        held, target = 0, self.first_rows
         for n, fill in self._sources(order_seed):
             rows = stage[held : held + n]
             fill(rows)
@@ -127,17 +122,25 @@ class ShardStream:
                 target = min(self.buffer_rows, 2 * target)
                 perm = torch.randperm(held, generator=gen)
                 cut = held // self.batch * self.batch
-                out = ring[turn % len(ring)][:cut]
+                out = self._buffer(stage)[:cut]
                 torch.index_select(stage, 0, perm[:cut], out=out)
                 rest = stage.index_select(0, perm[cut:])
                 stage[: len(rest)] = rest
-                held, turn = len(rest), turn + 1
+                held = len(rest)
                 yield out
         if held >= self.batch:
             perm = torch.randperm(held, generator=gen)
             cut = held // self.batch * self.batch
-            out = ring[turn % len(ring)][:cut]
-            yield torch.index_select(stage, 0, perm[:cut], out=out)
+            yield torch.index_select(stage, 0, perm[:cut], out=self._buffer(stage)[:cut])
+
+    @staticmethod
+    def _buffer(stage: torch.Tensor) -> torch.Tensor:
+        """A new buffer the stage's size, whatever the rows it will hold: buffers of varying
+        sizes left the allocator's heap fragmented (peak memory varied by 0.1 GiB between
+        runs of the same step); one size above the allocator's mmap threshold (32 MiB at 64
+        features) is mapped and unmapped whole. A new one each time, not a ring reused: a
+        consumer may keep the batches it was given."""
+        return torch.empty_like(stage)
 
     def _tensors(self, epoch: int) -> Iterator[torch.Tensor]:
         for t in self._buffers(epoch):
