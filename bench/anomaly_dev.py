@@ -10,7 +10,16 @@ normal rows from a Gaussian mixture, anomalies that are
 * ``dependency``: every feature drawn independently from its normal marginal (the
   relations between features are broken, each value on its own looks normal);
 
-and real data from scikit-learn's bundled sets with one class subsampled as the anomalies.
+and real data with one class subsampled as the anomalies: scikit-learn's bundled sets, and
+three that ship with the lock's statsmodels and plotly (dependencies of Evidently), so that real
+data weighs as much as synthetic when defaults are chosen:
+
+* ``anes96``: the 1996 American National Election Study, 10 numeric answers; Dole voters
+  are the anomalies;
+* ``gapminder``: countries' yearly life expectancy, log population and log GDP per head (and
+  the year); one continent per seed is the anomalies;
+* ``fair``: Fair's survey of marriages, 8 numeric answers; the respondents who report an
+  affair are the anomalies (a weak signal: every method scores near chance).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 SYNTHETIC = ("global", "local", "clustered", "dependency")
-REAL = ("digits", "breast_cancer", "wine")
+REAL = ("digits", "breast_cancer", "wine", "anes96", "gapminder", "fair")
 
 
 def _mixture(rng, n: int, d: int, means, covs) -> np.ndarray:
@@ -67,6 +76,8 @@ def real(name: str, seed: int, share: float = 0.05):
     elif name == "wine":
         x, c = datasets.load_wine(return_X_y=True)
         odd_class = seed % 3
+    elif name in ("anes96", "gapminder", "fair"):
+        x, c, odd_class = _packaged(name, seed)
     else:
         raise ValueError(f"unknown dataset {name!r}")
     rng = np.random.default_rng(seed)
@@ -75,6 +86,29 @@ def real(name: str, seed: int, share: float = 0.05):
     odd = rng.choice(np.flatnonzero(c == odd_class), size=n_out, replace=False)
     rows = np.r_[normal, odd]
     return x[rows].astype(np.float64), (c[rows] == odd_class).astype(int)
+
+
+def _packaged(name: str, seed: int):
+    """(features, classes, the anomalies' class) of a dataset bundled with statsmodels/plotly."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name == "gapminder":
+            import plotly.data
+
+            d = plotly.data.gapminder()
+            x = np.column_stack([d["year"], d["lifeExp"], np.log(d["pop"]), np.log(d["gdpPercap"])])
+            names = sorted(d["continent"].unique())
+            c = d["continent"].map({n: i for i, n in enumerate(names)}).to_numpy()
+            return x.astype(np.float64), c, seed % len(names)
+        import statsmodels.api as sm
+
+        d = getattr(sm.datasets, name).load_pandas().data
+    if name == "anes96":
+        return d.drop(columns=["vote", "logpopul"]).to_numpy(np.float64), d["vote"].to_numpy(), 1
+    c = (d["affairs"] > 0).astype(int).to_numpy()
+    return d.drop(columns=["affairs"]).to_numpy(np.float64), c, 1
 
 
 def load(name: str, seed: int):
