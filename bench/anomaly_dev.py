@@ -82,8 +82,9 @@ def real(name: str, seed: int, share: float = 0.05):
         raise ValueError(f"unknown dataset {name!r}")
     rng = np.random.default_rng(seed)
     normal = np.flatnonzero(c != odd_class)
-    n_out = max(3, int(share * len(normal) / (1 - share)))
-    odd = rng.choice(np.flatnonzero(c == odd_class), size=n_out, replace=False)
+    pool = np.flatnonzero(c == odd_class)
+    n_out = min(len(pool), max(3, int(share * len(normal) / (1 - share))))
+    odd = rng.choice(pool, size=n_out, replace=False)
     rows = np.r_[normal, odd]
     return x[rows].astype(np.float64), (c[rows] == odd_class).astype(int)
 
