@@ -265,7 +265,7 @@ class AnomalyConfig(_Section):
     max_samples: Annotated[int, Field(ge=2)] = 256
     epochs: PositiveInt = 20
     isolation_weight: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
-        0.25,
+        0.35,
         description="The isolation trees' share of each member's score (0: reconstruction "
         "error and code density only, as versions before sae-ensemble/2).",
     )

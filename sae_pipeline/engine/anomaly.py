@@ -91,7 +91,7 @@ class SAEAnomalyDetector(OutlierMixin, BaseEstimator):
         epochs: int = 20,
         n_neighbors: int = 5,
         knn_weight: float = 0.25,
-        isolation_weight: float = 0.25,
+        isolation_weight: float = 0.35,
         n_trees: int = 10,
         contamination: str | float = "auto",
         random_state: int | np.random.RandomState | None = None,
