@@ -67,7 +67,7 @@ class HashSplit:
         """Which of rows ``start .. start+n-1`` belong to ``part``."""
         return self.parts_of(np.arange(start, start + n, dtype=np.uint64)) == _PART_CODE[part]
 
-    def counts(self, n_rows: int, chunk: int = 1 << 22) -> dict[str, int]:
+    def counts(self, n_rows: int, chunk: int = 1 << 18) -> dict[str, int]:
         """Rows of each part among ``n_rows`` (no data read: positions only)."""
         total = np.zeros(3, dtype=np.int64)
         for start in range(0, n_rows, chunk):
@@ -206,7 +206,7 @@ def sample_part(
     return xs[0], {c: v[0] for c, v in cols.items()}
 
 
-def sample_positions(n_rows: int, n: int, seed: int, chunk: int = 1 << 22) -> np.ndarray:
+def sample_positions(n_rows: int, n: int, seed: int, chunk: int = 1 << 18) -> np.ndarray:
     """The positions of a seeded uniform sample of ``n`` of ``n_rows`` rows, sorted.
 
     The rows of smallest ``row_uniform(seed, row, stream=1)``, as ``sample_part`` keeps them;
