@@ -218,7 +218,7 @@ class TrainingConfig(_Section):
     shuffle_buffer_rows: Annotated[int, Field(gt=0)] = Field(
         131_072,
         description="Streaming: rows shuffled together (8 random slices of the row cache, or "
-        "2 row groups without one); about 4 x this x features x 4 bytes of memory.",
+        "2 row groups without one); about 5 x (this + 16,384) x features x 4 bytes of memory.",
     )
     val_sample_rows: Annotated[int, Field(gt=0)] = Field(
         65_536, description="Streaming: the fixed, seeded validation sample early stopping uses."

@@ -58,13 +58,6 @@ class RowCache:
         files = tuple((f["name"], int(f["rows"])) for f in index["files"])
         return cls(uri, int(index["features"]), files)
 
-    def files_in_order(self, order_seed: int | None) -> list[tuple[str, int]]:
-        """The files in a seeded random order (one per epoch); None keeps written order."""
-        order = list(range(len(self.files)))
-        if order_seed is not None:
-            np.random.default_rng(order_seed).shuffle(order)
-        return [self.files[i] for i in order]
-
     def slices_in_order(self, order_seed: int, slice_rows: int) -> list[tuple[str, int, int]]:
         """(file, first row, rows) of every ``slice_rows``-row slice of every file, in a seeded
         random order (one per epoch): a shuffling buffer of a few files' size then mixes rows

@@ -41,14 +41,6 @@ def test_slices_cover_every_row_once_in_an_order_set_by_the_seed(tmp_path):
     np.testing.assert_array_equal(got[np.lexsort(got.T)], chunks[0][np.lexsort(chunks[0].T)])
 
 
-def test_the_file_order_is_a_function_of_the_seed(tmp_path):
-    cache = row_cache.write(str(tmp_path / "c"), _chunks(np.random.default_rng(0), [100]), 5, 8)
-    first = cache.files_in_order(3)
-    assert first == cache.files_in_order(3)
-    assert sorted(first) == sorted(cache.files) and first != cache.files_in_order(4)
-    assert cache.files_in_order(None) == list(cache.files)
-
-
 def test_a_killed_writer_leaves_no_cache_and_the_next_one_replaces_it(tmp_path):
     out = str(tmp_path / "c")
     good = _chunks(np.random.default_rng(1), [10, 10])
