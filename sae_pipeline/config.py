@@ -216,10 +216,9 @@ class TrainingConfig(_Section):
         "from the snapshot's shards otherwise. The in-memory path peaks near 12x this size.",
     )
     shuffle_buffer_rows: Annotated[int, Field(gt=0)] = Field(
-        262_144,
-        description="Streaming: rows shuffled together (4 random files of the row cache, or "
-        "4 row groups without one); 5 x (this + 65,536) x features x 4 bytes of memory, held "
-        "for the phase.",
+        131_072,
+        description="Streaming: rows shuffled together (8 random slices of the row cache, or "
+        "2 row groups without one); about 5 x (this + 16,384) x features x 4 bytes of memory.",
     )
     val_sample_rows: Annotated[int, Field(gt=0)] = Field(
         65_536, description="Streaming: the fixed, seeded validation sample early stopping uses."

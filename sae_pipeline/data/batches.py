@@ -254,10 +254,13 @@ def feature_matrix(batch, columns: Sequence[str]) -> np.ndarray:
     return x
 
 
-def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+def prefetch(
+    items: Iterable[Any], depth: int = 2, setup: Callable[[], Any] | None = None
+) -> Iterator[Any]:
     """Iterate ``items`` in a background thread, ``depth`` ahead: I/O overlaps compute.
 
-    Memory stays bounded: at most ``depth`` items wait in the queue.
+    Memory stays bounded: at most ``depth`` items wait in the queue. ``setup`` runs first in
+    the thread (per-thread settings, such as torch's intra-op thread count).
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     done, stop = object(), threading.Event()
@@ -265,6 +268,8 @@ def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
 
     def produce() -> None:
         try:
+            if setup is not None:
+                setup()
             for item in items:
                 while not stop.is_set():
                     try:

@@ -256,37 +256,35 @@ def train_phase(
             batches = (x_train[perm[i : i + bs]] for i in range(skip * bs, n - bs + 1, bs))
         else:
             gen_start = None
-            batches = stream.epoch(epoch, skip, reuse=True)  # each batch is done with first
+            batches = stream.epoch(epoch, skip)
         running, steps = torch.zeros((), device=device) + running0, skip
         running0 = 0.0
         t_steps = time.perf_counter()
-        try:
-            for xb in batches:  # the ragged last batch is dropped: steady step cost
-                if prep is not None:
-                    xb = prep(xb)
-                if manual is not None:
-                    loss = manual.step(corrupt(xb, model, gen), xb)
-                else:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        recon, code = forward(corrupt(xb, model, gen))
-                        loss = F.mse_loss(recon.float(), xb)
-                        total = loss + sparsity_penalty(code, model)
-                    opt.zero_grad(set_to_none=True)
-                    total.backward()
-                opt_step()
-                running += loss.detach()
-                steps += 1
-                total_steps += 1
-                if on_step is not None:
-                    on_step(total_steps)
-                if total_steps >= budget:
-                    break
-                every = checkpoint_every_steps
-                if checkpoint is not None and every and total_steps % every == 0:
-                    save(epoch, steps, running.item(), gen_start)
-        finally:
-            if stream is not None:
-                batches.close()  # joins the read-ahead thread: the next epoch reuses its buffers
+        for xb in batches:  # the ragged last batch is dropped: steady step cost
+            if prep is not None:
+                xb = prep(xb)
+            if manual is not None:
+                loss = manual.step(corrupt(xb, model, gen), xb)
+            else:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    recon, code = forward(corrupt(xb, model, gen))
+                    loss = F.mse_loss(recon.float(), xb)
+                    total = loss + sparsity_penalty(code, model)
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+            opt_step()
+            running += loss.detach()
+            steps += 1
+            total_steps += 1
+            if on_step is not None:
+                on_step(total_steps)
+            if total_steps >= budget:
+                break
+            every = checkpoint_every_steps
+            if checkpoint is not None and every and total_steps % every == 0:
+                save(epoch, steps, running.item(), gen_start)
+        if stream is not None:
+            batches.close()  # stops the read-ahead thread when the budget ends the epoch early
         if device.type == "cuda":
             torch.cuda.synchronize()
         hist.step_seconds += time.perf_counter() - t_steps

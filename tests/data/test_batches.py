@@ -118,3 +118,22 @@ def test_the_batch_key_is_stable_for_the_same_content(tmp_path, kind):
         uri = str(tmp_path / "b.parquet")
     keys = {batches.inspect_batch([uri], CONTRACT)["key"] for _ in range(2)}
     assert len(keys) == 1
+
+
+def test_prefetch_runs_setup_in_its_own_thread_before_the_items():
+    import threading
+
+    seen = []
+
+    def items():
+        seen.append(("item", threading.current_thread().name))
+        yield 1
+        yield 2
+
+    got = list(
+        batches.prefetch(
+            items(), setup=lambda: seen.append(("setup", threading.current_thread().name))
+        )
+    )
+    assert got == [1, 2]
+    assert seen == [("setup", "sae-prefetch"), ("item", "sae-prefetch")]
