@@ -42,11 +42,14 @@ def _transposed(rb, columns: Sequence[str]) -> torch.Tensor:
 
 
 def _one_intra_op_thread() -> None:
-    """The read-ahead thread runs its torch operations on one thread (the setting is the
-    calling thread's own; the training loop's is unchanged). With the default, one per core,
-    the read-ahead's OpenMP team and the training loop's spun on the same cores: at 1M rows on
-    2 cores, streaming ran at 63% of the in-memory speed, and at 100% with this
-    (docs/engine-scaling.md, run 11)."""
+    """The read-ahead thread runs its torch operations on one thread. With the default, one
+    per core, the read-ahead's OpenMP team and the training loop's spun on the same cores: at
+    1M rows on 2 cores, streaming ran at 63% of the in-memory speed, and at 94-100% with this
+    (docs/engine-scaling.md, run 11).
+
+    Under OpenMP the count applies to the calling thread, but torch also keeps it as the
+    default that a thread takes on its first parallel operation; ``ShardStream.epoch`` fixes
+    its own thread's count before this runs and restores that default after."""
     torch.set_num_threads(1)
 
 
@@ -163,16 +166,23 @@ class ShardStream:
         """The epoch's batches, (batch, features) float32 on the device, after ``skip`` batches
         (a resumed task's position)."""
         bs = self.batch
+        # This thread's count, taken before the read-ahead thread sets its own: a thread that
+        # had not yet run a parallel operation would otherwise take the read-ahead's 1 (seen:
+        # a fresh task process trained on one thread).
+        threads = torch.get_num_threads()
         blocks = prefetch(self._tensors(epoch), self.readahead, _one_intra_op_thread)
-        with contextlib.closing(blocks):  # closing it joins the read-ahead thread
-            for block in blocks:
-                n = len(block) // bs
-                if skip >= n:
-                    skip -= n
-                    continue
-                block = block[skip * bs :]
-                skip = 0
-                if self.device.type == "cuda":
-                    block = block.to(self.device, non_blocking=True)
-                for i in range(0, len(block), bs):
-                    yield block[i : i + bs]
+        try:
+            with contextlib.closing(blocks):  # closing it joins the read-ahead thread
+                for block in blocks:
+                    n = len(block) // bs
+                    if skip >= n:
+                        skip -= n
+                        continue
+                    block = block[skip * bs :]
+                    skip = 0
+                    if self.device.type == "cuda":
+                        block = block.to(self.device, non_blocking=True)
+                    for i in range(0, len(block), bs):
+                        yield block[i : i + bs]
+        finally:
+            torch.set_num_threads(threads)  # torch's default for threads started later, too

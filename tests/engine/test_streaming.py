@@ -149,20 +149,40 @@ def test_a_killed_streamed_layer_task_resumes_mid_epoch_from_its_checkpoint(
 
 
 def test_the_read_ahead_thread_uses_one_intra_op_thread_and_leaves_trainings_alone(data):
-    """Two OpenMP teams spinning on the same cores halved streamed training's speed."""
+    """Two OpenMP teams spinning on the same cores halved streamed training's speed. The
+    consumer is a new thread that has run no torch operation yet, as in a fresh task process:
+    it must keep torch's default count, and so must threads started after the epoch."""
     import threading
 
     _, units = data
-    threads = {}
     stream = _stream(units)
     original = stream._buffers
+    seen = {}
 
     def spy(epoch):
-        threads[threading.current_thread().name] = torch.get_num_threads()
+        seen["read-ahead"] = torch.get_num_threads()
         yield from original(epoch)
 
     stream._buffers = spy
-    before = torch.get_num_threads()
-    assert len(list(stream.epoch(0))) == 4096 // 64
-    assert threads == {"sae-prefetch": 1}
-    assert torch.get_num_threads() == before
+
+    def in_new_thread(fn):
+        out = []
+        thread = threading.Thread(target=lambda: out.append(fn()))
+        thread.start()
+        thread.join()
+        return out[0]
+
+    default = in_new_thread(torch.get_num_threads)
+
+    def consume():
+        batches = stream.epoch(0)
+        first = next(batches)  # the read-ahead thread has started and set its count
+        during = torch.get_num_threads()
+        rest = list(batches)
+        return 1 + len(rest), first.shape, during
+
+    n, shape, during = in_new_thread(consume)
+    assert (n, shape) == (4096 // 64, (64, 16))
+    assert seen == {"read-ahead": 1}
+    assert during == default
+    assert in_new_thread(torch.get_num_threads) == default
