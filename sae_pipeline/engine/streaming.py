@@ -41,16 +41,25 @@ def _transposed(rb, columns: Sequence[str]) -> torch.Tensor:
     return torch.from_numpy(np.stack(cols).astype(np.float32, copy=False)).t()
 
 
-def _one_intra_op_thread() -> None:
-    """The read-ahead thread runs its torch operations on one thread. With the default, one
-    per core, the read-ahead's OpenMP team and the training loop's spun on the same cores: at
-    1M rows on 2 cores, streaming ran at 63% of the in-memory speed, and at 94-100% with this
-    (docs/engine-scaling.md, run 11).
+@contextlib.contextmanager
+def _read_ahead(items: Iterator[torch.Tensor], depth: int) -> Iterator[Iterator[torch.Tensor]]:
+    """``prefetch(items)``, its thread running torch on one intra-op thread; leaving the block
+    joins that thread.
 
-    Under OpenMP the count applies to the calling thread, but torch also keeps it as the
-    default that a thread takes on its first parallel operation; ``ShardStream.epoch`` fixes
-    its own thread's count before this runs and restores that default after."""
-    torch.set_num_threads(1)
+    With the default, one per core, the read-ahead's OpenMP team and the training loop's spun
+    on the same cores: at 1M rows on 2 cores, streaming ran at 63% of the in-memory speed, and
+    at 94-100% with one (docs/engine-scaling.md, run 11). Under OpenMP the count applies to
+    the calling thread, but torch also keeps it as the default that a thread takes on its first
+    parallel operation: the caller's own count is read first (a fresh task process otherwise
+    trained on the read-ahead's 1) and set back on the way out, restoring that default.
+    """
+    threads = torch.get_num_threads()
+    blocks = prefetch(items, depth, setup=lambda: torch.set_num_threads(1))
+    try:
+        with contextlib.closing(blocks):
+            yield blocks
+    finally:
+        torch.set_num_threads(threads)
 
 
 class ShardStream:
@@ -166,23 +175,15 @@ class ShardStream:
         """The epoch's batches, (batch, features) float32 on the device, after ``skip`` batches
         (a resumed task's position)."""
         bs = self.batch
-        # This thread's count, taken before the read-ahead thread sets its own: a thread that
-        # had not yet run a parallel operation would otherwise take the read-ahead's 1 (seen:
-        # a fresh task process trained on one thread).
-        threads = torch.get_num_threads()
-        blocks = prefetch(self._tensors(epoch), self.readahead, _one_intra_op_thread)
-        try:
-            with contextlib.closing(blocks):  # closing it joins the read-ahead thread
-                for block in blocks:
-                    n = len(block) // bs
-                    if skip >= n:
-                        skip -= n
-                        continue
-                    block = block[skip * bs :]
-                    skip = 0
-                    if self.device.type == "cuda":
-                        block = block.to(self.device, non_blocking=True)
-                    for i in range(0, len(block), bs):
-                        yield block[i : i + bs]
-        finally:
-            torch.set_num_threads(threads)  # torch's default for threads started later, too
+        with _read_ahead(self._tensors(epoch), self.readahead) as blocks:
+            for block in blocks:
+                n = len(block) // bs
+                if skip >= n:
+                    skip -= n
+                    continue
+                block = block[skip * bs :]
+                skip = 0
+                if self.device.type == "cuda":
+                    block = block.to(self.device, non_blocking=True)
+                for i in range(0, len(block), bs):
+                    yield block[i : i + bs]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from decimal import Decimal
 from pathlib import Path
 
@@ -121,8 +122,6 @@ def test_the_batch_key_is_stable_for_the_same_content(tmp_path, kind):
 
 
 def test_prefetch_runs_setup_in_its_own_thread_before_the_items():
-    import threading
-
     seen = []
 
     def items():

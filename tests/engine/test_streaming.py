@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -152,8 +154,6 @@ def test_the_read_ahead_thread_uses_one_intra_op_thread_and_leaves_trainings_alo
     """Two OpenMP teams spinning on the same cores halved streamed training's speed. The
     consumer is a new thread that has run no torch operation yet, as in a fresh task process:
     it must keep torch's default count, and so must threads started after the epoch."""
-    import threading
-
     _, units = data
     stream = _stream(units)
     original = stream._buffers
