@@ -177,7 +177,7 @@ class StackedAutoencoder(TransformerMixin, BaseEstimator):
         for k in range(arch.n_layers):
             done = ckpt / f"layer_{k + 1}.pt" if ckpt else None
             if done is not None and done.exists():  # a resumed fit skips finished layers
-                net.load_state_dict(torch.load(done, map_location=device, weights_only=True))
+                net.load_state_dict(torch.load(done, map_location="cpu", weights_only=True))
                 self.pretrain_history_.append(None)
                 continue
             hist = trainer.pretrain_layer(

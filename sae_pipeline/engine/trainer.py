@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_pipeline.config import ModelConfig, PhaseConfig
+from sae_pipeline.engine import _checkpoint
 from sae_pipeline.engine._fastpath import FusedAdamStep, Layer, ManualChain
 from sae_pipeline.engine._progress import _Progress
 from sae_pipeline.engine.net import StackedAutoencoderNet
@@ -202,17 +203,14 @@ def train_phase(
     use_amp = amp and device.type == "cuda"
 
     if checkpoint is not None and checkpoint.exists():
-        # Tensors and plain containers only (optimizer state, RNG states as byte tensors,
-        # history as lists): the restricted unpickler reads it, no arbitrary objects.
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        state = _checkpoint.load(checkpoint)  # on the CPU, whatever device wrote it
         net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(_on(state["gen"], device))
-        torch.set_rng_state(state["torch_rng"])
+        opt.load_state_dict(state["opt"])  # moves its tensors to the parameters' device
+        gen_epoch = _checkpoint.restore_rng(state, gen, device, seed, desc)
         hist = History(**state["history"])
         best_state, bad_epochs, start_epoch = state["best"], state["bad_epochs"], state["epoch"]
         start_step, total_steps = state.get("step", 0), state.get("total_steps", 0)
-        running0, gen_epoch = state.get("running", 0.0), state.get("gen_epoch")
+        running0 = state.get("running", 0.0)
         log.info(
             "%s resumed from %s at epoch %d step %d", desc, checkpoint, start_epoch, start_step
         )
@@ -223,8 +221,8 @@ def train_phase(
             {
                 "epoch": epoch_next, "step": step, "total_steps": total_steps,
                 "running": running, "gen_epoch": gen_start,
-                "net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": hist.to_dict(),
+                "net": net.state_dict(), "opt": opt.state_dict(),
+                **_checkpoint.rng_state(gen, device), "history": hist.to_dict(),
                 "best": best_state, "bad_epochs": bad_epochs,
             },
             checkpoint,
@@ -246,12 +244,15 @@ def train_phase(
             group["lr"] = learning_rate(phase, epoch)
         skip, start_step = start_step, 0
         if stream is None:
-            if skip:  # mid-epoch resume: the epoch's permutation, then the generator as saved
+            # mid-epoch resume: the epoch's permutation, then the generator as saved (or,
+            # where the states could not carry over, both from the reseeded generator)
+            replay = skip and gen_epoch is not None
+            if replay:
                 now = gen.get_state()
-                gen.set_state(_on(gen_epoch, device))
+                gen.set_state(gen_epoch)
             gen_start = gen.get_state()
             perm = torch.randperm(n, generator=gen, device=device)
-            if skip:
+            if replay:
                 gen.set_state(now)
             batches = (x_train[perm[i : i + bs]] for i in range(skip * bs, n - bs + 1, bs))
         else:
@@ -316,10 +317,6 @@ def train_phase(
     net.eval()
     hist.seconds = time.perf_counter() - t0
     return hist
-
-
-def _on(gen_state: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return gen_state.cpu() if device.type == "cpu" else gen_state
 
 
 # ---- the two phases ---------------------------------------------------------------------------
