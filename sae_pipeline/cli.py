@@ -46,9 +46,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from sae_pipeline.steps.training import run_training
 
-    result = run_training(args.run_id, args.config, _set_overrides(args.set))
+    if args.resume and args.run_id:
+        from sae_pipeline.errors import ConfigError
+
+        raise ConfigError("--resume names the run to continue; leave out --run-id")
+    run_id = args.resume or _cli_run_id(args.run_id, "train")
+    result = run_training(run_id, args.config, _set_overrides(args.set), resume=bool(args.resume))
     shown = ("validate", "evaluate", "register", "promote")  # validate: the row counts
-    print(json.dumps({k: result[k] for k in shown}, indent=2))
+    ctx = result["context"]
+    out = {"run_id": run_id, **{k: result[k] for k in shown}}
+    out["artifacts"] = ctx["run_dir"]
+    out["tracking_uri"] = ctx["tracking_uri"]
+    print(json.dumps(out, indent=2))
+    # Another process (mlflow.pyfunc.load_model, mlflow models serve, mlflow ui) finds the
+    # registry only through this variable; without it MLflow opens ./mlflow.db, which is empty.
+    print(
+        f"\nThe models are registered in {ctx['tracking_uri']}; to use them from another "
+        f"process:\n  export MLFLOW_TRACKING_URI={ctx['tracking_uri']}\n"
+        f"Resume this run with: sae-pipeline train --resume {run_id} (and the same config)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -215,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run every training step in this process (no Airflow)")
     p.add_argument("--config", help="YAML config (default: the embedded digits demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--run-id", default="cli", help="run id: the same id resumes that run")
+    p.add_argument("--run-id", help="id of the new run (default: a new one each time)")
+    p.add_argument(
+        "--resume", metavar="RUN_ID",
+        help="continue run RUN_ID (after a failure); refused when the config differs from its own",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

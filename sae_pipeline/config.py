@@ -21,6 +21,8 @@ from sae_pipeline.errors import ConfigError
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "linear"]
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+Epochs = Annotated[int, Field(ge=0, le=100_000)]
+LearningRate = Annotated[float, Field(gt=0.0, le=10.0)]
 
 
 class _Section(BaseModel):
@@ -39,9 +41,7 @@ class ValidationConfig(_Section):
     extra or reordered column) concern every row, so the batch passes or fails as a whole.
     """
 
-    non_numeric: RowPolicy = Field(
-        "quarantine", description="A feature value that is not a number."
-    )
+    non_numeric: RowPolicy = Field("quarantine", description="A feature that is not a number.")
     missing_values: RowPolicy = Field(
         "quarantine", description="An empty/NaN feature value, or a missing label or id."
     )
@@ -160,9 +160,7 @@ class ModelConfig(_Section):
 
     hidden_dims: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = [256, 64, 10]
     activation: Activation = "relu"
-    code_activation: Activation = Field(
-        "linear", description="Activation of the code layer; linear keeps every unit alive."
-    )
+    code_activation: Activation = Field("linear", description="linear keeps every code unit alive.")
     output_activation: Literal["auto", "sigmoid", "linear"] = Field(
         "auto", description="auto: sigmoid when the scaler maps to [0, 1], else linear."
     )
@@ -179,11 +177,11 @@ class ModelConfig(_Section):
 
 
 class PhaseConfig(_Section):
-    """Optimisation settings of one training phase (pretraining or fine-tuning)."""
+    """Optimisation settings of one training phase; the defaults are pretraining's."""
 
-    epochs: Annotated[int, Field(ge=0, le=100_000)] = 50
+    epochs: Epochs = 40
     batch_size: PositiveInt = 64
-    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    learning_rate: LearningRate = 3e-3
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     lr_schedule: Literal["constant", "cosine", "step"] = "constant"
@@ -202,11 +200,19 @@ class PhaseConfig(_Section):
     )
 
 
+class FinetuneConfig(PhaseConfig):
+    """End-to-end fine-tuning. Its defaults are fields, so `finetune: {epochs: 30}` keeps them."""
+
+    epochs: Epochs = 400
+    learning_rate: LearningRate = 2e-3
+    lr_schedule: Literal["constant", "cosine", "step"] = "cosine"
+
+
 class TrainingConfig(_Section):
     """Both training phases and where they run."""
 
-    pretrain: PhaseConfig = PhaseConfig(epochs=40, learning_rate=3e-3)
-    finetune: PhaseConfig = PhaseConfig(epochs=400, learning_rate=2e-3, lr_schedule="cosine")
+    pretrain: PhaseConfig = PhaseConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="Mixed precision on CUDA; ignored on CPU.")
@@ -377,8 +383,7 @@ class PipelineConfig(_Section):
 def _flatten(config: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
     items: list[tuple[str, Any]] = []
     for key, value in config.model_dump(mode="json").items():
-        name = f"{prefix}{key}"
-        field = getattr(config, key)
+        name, field = f"{prefix}{key}", getattr(config, key)
         if isinstance(field, BaseModel):
             items.extend(_flatten(field, prefix=f"{name}."))
         else:
@@ -414,9 +419,7 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def build_config(
-    data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
-) -> PipelineConfig:
+def build_config(data: dict | None = None, overrides: dict | None = None) -> PipelineConfig:
     """Validate a config dict plus dotted overrides; raise ConfigError naming the field."""
     merged = json.loads(json.dumps(data or {}))
     for key, value in (overrides or {}).items():
@@ -429,10 +432,8 @@ def build_config(
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> PipelineConfig:
-    """Read a YAML config (or the embedded defaults when ``path`` is None or empty).
-
-    An empty path counts as unset: compose files and shells leave ``SAE_CONFIG=""`` behind.
-    """
+    """Read a YAML config; the embedded defaults when ``path`` is None or empty (compose files
+    and shells leave ``SAE_CONFIG=""`` behind)."""
     data: dict[str, Any] = {}
     if path is not None and str(path).strip():
         p = Path(path)

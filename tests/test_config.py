@@ -77,3 +77,104 @@ def test_config_hash_changes_with_content():
 @pytest.mark.parametrize("path", ["", "  "])
 def test_empty_config_path_is_the_embedded_defaults(path):
     assert load_config(path) == load_config(None)
+
+
+# ---- one source of defaults: an override changes what it names and nothing else --------------
+def _leaves(model) -> dict:
+    from sae_pipeline.config import _flatten
+
+    return dict(_flatten(model))
+
+
+# Another valid value where the type alone does not say; the rest are derived by type.
+_OTHER_VALUES = {
+    "data.format": "csv",
+    "data.query": "select 1",
+    "model.noise": "masking",
+    "model.sparsity_weight": 0.5,
+    "model.code_activation": "tanh",
+    "registry.tracking_uri": "sqlite:///elsewhere.db",
+    "selection.candidates": [{"model.hidden_dims": [32, 16, 4]}],
+    "data.feature_columns": ["x1"],
+}
+# Fields valid only together with another: overridden as a pair, and only the pair may change.
+_PARTNERS = {"model.sparsity": {"model.sparsity": "l1", "model.sparsity_weight": 0.5}}
+
+
+def _another_value(key: str, value):
+    """A valid value for ``key`` other than its default ``value``."""
+    from typing import get_args
+
+    if key in _OTHER_VALUES:
+        return _OTHER_VALUES[key]
+    section, _, leaf = key.rpartition(".")
+    model = PipelineConfig()
+    for part in section.split(".") if section else []:
+        model = getattr(model, part)
+    annotation = type(model).model_fields[leaf].annotation
+    choices = [c for c in get_args(annotation) if isinstance(c, str)]
+    if isinstance(value, bool):
+        return not value
+    if choices:
+        return next(c for c in choices if c != value)
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    if isinstance(value, str):
+        return f"{value}-other"
+    if isinstance(value, list):
+        return [v * 2 for v in value] if value else ["x1"]
+    assert value is None, key
+    return {"int": 7, "str": "other"}.get(
+        next(t.__name__ for t in get_args(annotation) if t is not type(None)), 7
+    )
+
+
+def _all_leaves() -> list[tuple[str, object]]:
+    return list(_leaves(PipelineConfig()).items())
+
+
+@pytest.mark.parametrize(("key", "default"), _all_leaves(), ids=[k for k, _ in _all_leaves()])
+def test_an_override_changes_that_field_and_nothing_else(key, default):
+    overrides = _PARTNERS.get(key) or {key: _another_value(key, default)}
+    before = _leaves(PipelineConfig())
+    for cfg in (build_config({}, overrides), _nested(overrides)):
+        after = _leaves(cfg)
+        changed = {k for k in before if after[k] != before[k]}
+        assert changed == set(overrides), f"overriding {key} changed {sorted(changed)}"
+
+
+def _nested(overrides: dict) -> PipelineConfig:
+    """The same overrides written as a YAML file would: ``{training: {finetune: {...}}}``."""
+    data: dict = {}
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return build_config(data)
+
+
+def test_a_partial_phase_keeps_the_documented_defaults(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  finetune:\n    epochs: 30\n  pretrain:\n    epochs: 3\n")
+    loaded = load_config(cfg)
+    assert loaded.training.finetune.learning_rate == 0.002
+    assert loaded.training.finetune.lr_schedule == "cosine"
+    assert loaded.training.pretrain.learning_rate == 0.003
+
+
+def test_section_defaults_are_the_sections_own_field_defaults():
+    """A section's default is its class built with no arguments: the field defaults are the one
+    place a default lives (a ``Section(x=...)`` default is lost on the first partial override)."""
+    from pydantic import BaseModel
+
+    def walk(model_cls):
+        for name, field in model_cls.model_fields.items():
+            if isinstance(field.default, BaseModel):
+                assert field.default == type(field.default)(), f"{model_cls.__name__}.{name}"
+                walk(type(field.default))
+
+    walk(PipelineConfig)

@@ -50,8 +50,14 @@ def prepare(
     config_path: str | None = None,
     overrides: dict[str, Any] | None = None,
     expected_layers: int | None = None,
+    resume: bool | None = None,
 ) -> dict[str, Any]:
-    """Validate the config once, store it with the run, and open (or find) the MLflow run."""
+    """Validate the config once, store it with the run, and open (or find) the MLflow run.
+
+    ``resume``: None for a DAG task (its run id is new, or this is a retry of it); False for a
+    new run, refused when ``run_id`` has one already; True to continue run ``run_id``, refused
+    when there is none or when its stored config differs (the message names each field).
+    """
     from sae_pipeline.registry import tracking
     from sae_pipeline.steps.deployment import (
         check_config_path,
@@ -82,6 +88,8 @@ def prepare(
     key = storage.run_key(run_id)
     run_dir = storage.run_dir(cfg.artifacts_root, key)
     config_uri = storage.join(run_dir, "config.json")
+    if resume is not None:
+        _check_resume(run_id, cfg, config_uri, resume)
     storage.write_json(config_uri, cfg.model_dump(mode="json"))
     mlflow_run_id = tracking.find_or_create_run(
         cfg,
@@ -101,3 +109,28 @@ def prepare(
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": cfg.registry.tracking_uri,
     }
+
+
+def _check_resume(run_id: str, cfg: PipelineConfig, config_uri: str, resume: bool) -> None:
+    """Refuse a new run whose id is taken, or a resume of a run that is missing or whose stored
+    config differs from ``cfg``: its finished steps would be returned as results of ``cfg``."""
+    from sae_pipeline.errors import ConfigError
+
+    exists = storage.exists(config_uri)
+    if not resume and exists:
+        raise ConfigError(f"run {run_id!r} exists; --resume {run_id} continues it")
+    if resume and not exists:
+        raise ConfigError(f"no run {run_id!r} to resume under {cfg.artifacts_root}")
+    if resume:
+        stored = build_config(storage.read_json(config_uri)).flat_params()
+        given = cfg.flat_params()
+        diff = [
+            f"{k}: {stored.get(k, '(unset)')} -> {given.get(k, '(unset)')}"
+            for k in sorted(stored.keys() | given.keys())
+            if stored.get(k) != given.get(k)
+        ]
+        if diff:
+            raise ConfigError(
+                f"cannot resume run {run_id!r}: its config differs ({'; '.join(diff)}); "
+                "start a new run instead"
+            )

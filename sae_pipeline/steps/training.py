@@ -266,10 +266,17 @@ def mark_failed(ctx: dict[str, Any], reason: str) -> None:
 
 
 def run_training(
-    run_id: str, config_path: str | None = None, overrides: dict[str, Any] | None = None
+    run_id: str,
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: bool | None = None,
 ) -> dict[str, Any]:
-    """Every training step in DAG order; returns what each step returned."""
-    ctx = prepare(run_id, config_path, overrides)
+    """Every training step in DAG order; returns what each step returned.
+
+    ``resume``: False for a new run (refused when ``run_id`` is taken), True to continue run
+    ``run_id`` with the config it was started with (``prepare``).
+    """
+    ctx = prepare(run_id, config_path, overrides, resume=resume)
     cfg = config_of(ctx)
     result: dict[str, Any] = {"context": ctx}
     result["ingest"] = ingest(ctx)
