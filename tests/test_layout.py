@@ -45,19 +45,31 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+def absolute_module(node: ast.ImportFrom, name: str, path: Path) -> str:
+    """The absolute module an ``ImportFrom`` names; relative ones (``from ..steps import x``)
+    are resolved against the importing module's package, as Python does."""
+    if not node.level:
+        return node.module or ""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
 def imports_of(path: Path, name: str) -> set[str]:
-    """Every ``sae_pipeline`` module this file imports, at any depth (function-level too)."""
+    """Every ``sae_pipeline`` module this file imports, at any depth (function-level too),
+    relative imports included."""
     known = modules()
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("sae_pipeline"))
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            if not node.module.startswith("sae_pipeline"):
+        elif isinstance(node, ast.ImportFrom):
+            module = absolute_module(node, name, path)
+            if not module.startswith("sae_pipeline"):
                 continue
             for a in node.names:  # `from sae_pipeline.data import batches` names a module
-                sub = f"{node.module}.{a.name}"
-                found.add(sub if sub in known else node.module)
+                sub = f"{module}.{a.name}"
+                found.add(sub if sub in known else module)
     found.discard(name)
     return found
 
@@ -129,3 +141,20 @@ def test_the_checks_can_fail(tmp_path):
     src = tmp_path / "m.py"
     src.write_text("def f():\n    from sae_pipeline.steps import training\n")
     assert "sae_pipeline.steps.training" in imports_of(src, "sae_pipeline.data.m")
+
+
+def test_relative_imports_are_resolved_and_an_upward_one_is_caught(tmp_path):
+    """``from ..steps import training`` in engine/net.py is as upward as the absolute form."""
+    src = tmp_path / "net.py"
+    src.write_text("from ..steps import training\nfrom . import trainer\nfrom .. import errors\n")
+    found = imports_of(src, "sae_pipeline.engine.net")
+    assert found == {
+        "sae_pipeline.steps.training",
+        "sae_pipeline.engine.trainer",
+        "sae_pipeline.errors",
+    }
+    assert [d for d in found if layer(d) > layer("sae_pipeline.engine.net")]
+    init = tmp_path / "__init__.py"  # in a package's __init__, `.` is the package itself
+    init.write_text("from .trainer import fit\nfrom ..registry import gate\n")
+    found = imports_of(init, "sae_pipeline.engine")
+    assert found == {"sae_pipeline.engine.trainer", "sae_pipeline.registry.gate"}
