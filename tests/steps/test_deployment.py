@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sae_pipeline.config import build_config, mask_credentials
@@ -35,14 +37,28 @@ def test_without_allow_lists_or_credentials_any_location_is_accepted(tmp_path):
     check_config_path(str(tmp_path / "any.yaml"))
 
 
-def test_with_credentials_in_env_only_the_configured_server_is_accepted(monkeypatch):
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        {"MLFLOW_TRACKING_USERNAME": "sae-worker", "MLFLOW_TRACKING_PASSWORD": "admin-secret"},
+        {"MLFLOW_TRACKING_PASSWORD": "admin-secret"},
+        {"MLFLOW_TRACKING_TOKEN": "admin-secret"},
+        {"MLFLOW_TRACKING_USERNAME": "admin-secret"},  # a username alone still identifies
+    ],
+    ids=["username+password", "password", "token", "username"],
+)
+def test_with_credentials_in_env_only_the_configured_server_is_accepted(monkeypatch, credentials):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-secret")
+    for name, value in credentials.items():
+        monkeypatch.setenv(name, value)
     check_run_locations(_cfg(**{"registry.tracking_uri": "http://mlflow:5000/"}))
     check_run_locations(_cfg())  # unset: the configured one
     with pytest.raises(ConfigError, match="not this deployment's MLflow server") as err:
         check_run_locations(_cfg(**{"registry.tracking_uri": "http://attacker.example:80"}))
     assert "admin-secret" not in str(err.value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # credentials but no server named: none allowed
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI"):
+        check_run_locations(_cfg(**{"registry.tracking_uri": "http://attacker.example:80"}))
 
 
 def test_the_allow_lists_bound_tracking_uri_artifacts_root_and_config_path(monkeypatch, tmp_path):
@@ -76,7 +92,22 @@ def test_passwords_in_urls_are_masked_in_mlflow_params():
     )
 
 
-def test_a_source_with_an_inline_password_is_refused_before_it_is_stored(store):
+def _stored_files(root) -> list:
+    return sorted(p for p in Path(root).rglob("*") if p.is_file())
+
+
+def _mlflow_runs(db: Path) -> list:
+    """The runs in a SQLite MLflow store; none when no MLflow call ever created the file."""
+    if not db.exists():
+        return []
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids) if ids else []
+
+
+def test_a_source_with_an_inline_password_is_refused_before_it_is_stored(store, tmp_path):
     from sae_pipeline.steps import training as steps
 
     with pytest.raises(ConfigError, match="source_password_env") as err:
@@ -85,7 +116,32 @@ def test_a_source_with_an_inline_password_is_refused_before_it_is_stored(store):
             {**store, "data.source": "postgresql://etl:S3cret@db/x", "data.query": "select 1"},
         )  # fmt: skip
     assert "S3cret" not in str(err.value)
+    # The guarded effect: no config.json (or anything) under the artifact root, no MLflow run,
+    # and the password in no file at all.
+    assert _stored_files(store["artifacts_root"]) == []
+    assert _mlflow_runs(tmp_path / "mlflow.db") == []
+    assert not [p for p in _stored_files(tmp_path) if b"S3cret" in p.read_bytes()]
     check_no_inline_password(_cfg(**{"data.source": "postgresql://etl@db/x", "data.query": "q"}))
+
+
+@pytest.mark.parametrize("refused", ["tracking_uri", "artifacts_root"])
+def test_a_location_outside_the_allow_lists_is_refused_before_anything_is_written(
+    refused, store, tmp_path, monkeypatch
+):
+    """The run named a store it may not use: that store is never opened, ours not written."""
+    from sae_pipeline.steps import training as steps
+
+    allowed_db, evil_db = tmp_path / "mlflow.db", tmp_path / "evil" / "mlflow.db"
+    monkeypatch.setenv("SAE_ALLOWED_TRACKING_URIS", f"sqlite:///{allowed_db}")
+    monkeypatch.setenv("SAE_ALLOWED_ARTIFACT_ROOTS", store["artifacts_root"])
+    evil_db.parent.mkdir()
+    overrides = {
+        "tracking_uri": {**store, "registry.tracking_uri": f"sqlite:///{evil_db}"},
+        "artifacts_root": {**store, "artifacts_root": str(tmp_path / "evil" / "store")},
+    }[refused]
+    with pytest.raises(ConfigError, match=refused):
+        steps.prepare("manual__where", None, overrides)
+    assert _stored_files(tmp_path) == []  # neither MLflow store created, no config.json
 
 
 def test_the_database_password_comes_from_the_named_environment_variable(monkeypatch):
