@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,11 +23,19 @@ TINY = {
 
 def pytest_configure(config):
     home = Path(tempfile.mkdtemp(prefix="sae-airflow-"))
+    config._sae_airflow_home = home
     from sae_pipeline.demo.airflow_run import airflow_env
 
     os.environ.update(airflow_env(home, REPO / "dags"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("SAE_CONFIG", None)
+
+
+def pytest_unconfigure(config):
+    """The throwaway Airflow home goes with the session (no ``sae-airflow-*`` left in /tmp)."""
+    home = getattr(config, "_sae_airflow_home", None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -127,6 +127,38 @@ def test_summary_reads_first_what_a_reviewer_needs():
     assert "codes: drift share 0.75 (3/4 columns, threshold 0.50); most drifted: code_1" in text
 
 
+def _by_hand(net, fit_ours: np.ndarray, fit_theirs: np.ndarray, data: dict) -> dict:
+    """The champion (``net`` behind a min-max scaler fitted on ``fit_theirs``) measured without
+    the gate's code: its MSE in the challenger's space (min-max on ``fit_ours``) and in its own,
+    and its probe accuracy on its own codes."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def minmax(fit, v):
+        return (v - fit.min(0)) / (fit.max(0) - fit.min(0))
+
+    def forward(v):
+        with torch.no_grad():
+            recon, codes = net(torch.tensor(v, dtype=torch.float32))[:2]
+        return recon.numpy().astype(np.float64), codes.numpy()
+
+    x_test = data["x_test"]
+    recon_scaled, codes_test = forward(minmax(fit_theirs, x_test))
+    recon_raw = recon_scaled * (fit_theirs.max(0) - fit_theirs.min(0)) + fit_theirs.min(0)
+    _, codes_train = forward(minmax(fit_theirs, data["x_train"]))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=200))
+    probe.fit(codes_train, data["y_train"])
+    return {
+        "mse_in_ours": float(
+            np.mean((minmax(fit_ours, recon_raw) - minmax(fit_ours, x_test)) ** 2)
+        ),
+        "mse_in_theirs": float(np.mean((recon_scaled - minmax(fit_theirs, x_test)) ** 2)),
+        "probe": float(probe.score(codes_test, data["y_test"])),
+    }
+
+
 def test_common_evaluation_measures_both_models_in_the_challengers_space():
     from sae_pipeline.data.contract import Contract
     from sae_pipeline.data.scaling import fit_scaler
@@ -147,8 +179,11 @@ def test_common_evaluation_measures_both_models_in_the_challengers_space():
     mine, other, basis = comparison.on_test_split(ours, theirs, data, probe_max_iter=200)
     assert basis == "both measured on 100 of the challenger's test rows"
     assert mine == comparison.measure(ours, data, ours.scaler, 200)
-    assert mine["test_mse"] != pytest.approx(other["test_mse"])
-    assert 0.0 <= other["probe_accuracy_sae"] <= 1.0
+    # The same numbers computed here by hand: min-max by its definition, the network's forward.
+    expected = _by_hand(net, x[:200], x[:200] * 2, data)
+    assert other["test_mse"] == pytest.approx(expected["mse_in_ours"], rel=1e-4)
+    assert other["test_mse"] != pytest.approx(expected["mse_in_theirs"], rel=1e-2)
+    assert other["probe_accuracy_sae"] == pytest.approx(expected["probe"], abs=1e-9)
     same = comparison.measure(ours, data, fit_scaler("minmax", x[:200]), 200)
     assert same["test_mse"] == pytest.approx(mine["test_mse"], rel=1e-5)  # scaler round trip
     stranger = Encoder(Contract(["p", "q", "s"], {}), ours.scaler, net)
