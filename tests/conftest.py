@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Helpers that assert, outside test files: pytest's assertion messages there too.
+pytest.register_assert_rewrite("tests.gate_check")
 
 # Tiny settings for pipeline runs in tests: real training, seconds not minutes.
 TINY = {

@@ -87,12 +87,21 @@ def test_a_fully_streamed_run_registers_and_its_successor_meets_the_gate(tmp_pat
         np.concatenate(list(ts.part_chunks(ctx, "train"))),
     )
     second = steps.run_training("s2", None, {**base, "data.source": str(tmp_path / "b.parquet")})
-    reason = second["promote"]["reason"]
-    assert second["promote"]["promoted"] or "test MSE" in reason or "probe" in reason, reason
     from sae_pipeline.config import build_config
     from sae_pipeline.registry import tracking
+    from sae_pipeline.registry.gate import gate_decision
+    from tests.gate_check import assert_gate_measured, expected_gate
 
     cfg = build_config({}, base)
     version = second["register"]["encoder_version"]
-    tags = tracking.client(cfg).get_model_version(cfg.registry.encoder_model_name, version).tags
-    assert "left out: the champion trained on them" in tags["sae.gate.basis"], tags
+    client = tracking.client(cfg)
+    name = cfg.registry.encoder_model_name
+    # The gate measured the rows and spaces it should (recomputed here apart from it) ...
+    assert_gate_measured(client, name, version, second["context"], ctx)
+    # ... and decided on those numbers: the decision and reason follow from them.
+    expected = expected_gate(second["context"], ctx)
+    promoted, reason = gate_decision(expected["challenger"], expected["champion"], cfg)
+    assert (second["promote"]["promoted"], second["promote"]["reason"]) == (promoted, reason)
+    assert client.get_model_version(name, version).tags["sae.gate.decision"] == (
+        "promoted" if promoted else "rejected"
+    )
