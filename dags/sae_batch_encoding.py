@@ -11,7 +11,7 @@ contract has one), the codes `code_0..` and the `reconstruction_error` (an anoma
   schema and first rows against that version's data contract; a missing or non-numeric
   feature column fails the run before anything is written.
 - **Shards**: the batch is cut into shards of whole Parquet row groups (`shard_rows`), encoded
-  in parallel by dynamic task mapping on the heavy queue, each streamed in `chunk_rows` chunks
+  in parallel by dynamic task mapping on CPU workers, each streamed in `chunk_rows` chunks
   (memory stays flat). Rows with a missing, NaN or infinite feature go to `_quarantine/`.
 - **Output**: published at once by `commit` (rows in = rows encoded + rows quarantined is
   checked), then announced on the `sae_encoded_batches` Asset (extra: path, model version,
@@ -25,7 +25,6 @@ import os
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-from sae_pipeline.config import load_config
 from sae_pipeline.steps.deployment import task_timeout
 
 NEW_BATCHES = Asset(
@@ -34,9 +33,6 @@ NEW_BATCHES = Asset(
 ENCODED_BATCHES = Asset(
     name="sae_encoded_batches",
     uri=os.environ.get("SAE_ENCODED_BATCHES_URI", "sae://batches/encoded"),
-)
-HEAVY_QUEUE = os.environ.get(
-    "SAE_HEAVY_QUEUE", load_config(os.environ.get("SAE_CONFIG")).heavy_queue
 )
 
 
@@ -93,7 +89,9 @@ def sae_batch_encoding():
 
         return encoding.plan_step(ctx)
 
-    @task(queue=HEAVY_QUEUE, execution_timeout=task_timeout(heavy=True))
+    # On the CPU workers' queue, not the heavy one: Parquet and numpy work, 4 shards per CPU
+    # worker against 1 per GPU (steps/encoding.py: ENCODE_DEVICE).
+    @task(execution_timeout=task_timeout(heavy=True))
     def encode_shard(ctx: dict, shard: dict) -> dict:
         from sae_pipeline.steps import encoding
 

@@ -8,8 +8,10 @@ against raw features and PCA, registers the encoder bundle and its scaler in MLf
 `challenger`, and promotes them to `champion` only when they pass the gate.
 
 The number of layer tasks follows the config named by `SAE_CONFIG` (default: the digits
-demo). Pretraining and fine-tuning run on the config's `heavy_queue` (`gpu` in production);
-every task is one call into `sae_pipeline.steps` and is safe to retry.
+demo). Pretraining and fine-tuning run on the config's `heavy_queue` (`gpu` in production,
+where `training.device: cuda` makes them fail at once, without retries, on a worker that
+cannot use CUDA); the device each phase used is the run's `sae.device.<phase>` tag. Every
+task is one call into `sae_pipeline.steps` and is safe to retry.
 """
 
 from __future__ import annotations
@@ -90,6 +92,19 @@ def mark_mlflow_run_failed(context) -> None:
     steps.mark_failed(ctx, f"task {ti.task_id} failed: {context.get('exception')}")
 
 
+def heavy_step(step, *args):
+    """Run a heavy step (``training.device`` may require CUDA): a worker that cannot give the
+    device fails the task at once, naming the cause; a retry there would fail the same way."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from sae_pipeline.errors import DeviceError
+
+    try:
+        return step(*args)
+    except DeviceError as err:
+        raise AirflowFailException(str(err)) from err
+
+
 def build_training_dag(config_path: str | None = None, dag_id: str = "sae_training"):
     """The training DAG for the config at ``config_path``: one task per step and per layer."""
     cfg = load_config(config_path)
@@ -166,7 +181,7 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
         def try_candidate(ctx: dict, candidate: dict) -> dict:
             from sae_pipeline.steps import training as steps
 
-            return steps.try_candidate(ctx, candidate)
+            return heavy_step(steps.try_candidate, ctx, candidate)
 
         @task
         def select_candidate(ctx: dict, results: list[dict]) -> dict:
@@ -178,13 +193,13 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
         def pretrain_layer(ctx: dict, layer: int) -> dict:
             from sae_pipeline.steps import training as steps
 
-            return steps.pretrain_layer(ctx, layer)
+            return heavy_step(steps.pretrain_layer, ctx, layer)
 
         @task(**heavy)
         def finetune(ctx: dict) -> dict:
             from sae_pipeline.steps import training as steps
 
-            return steps.finetune(ctx)
+            return heavy_step(steps.finetune, ctx)
 
         @task
         def evaluate(ctx: dict) -> dict:

@@ -215,7 +215,7 @@ class TrainingConfig(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(True, description="Mixed precision on CUDA; ignored on CPU.")
+    amp: bool = Field(True, description="bf16 on CUDA for layers of 1,024+ units (AMP_MIN_WIDTH).")
     in_memory_max_bytes: Annotated[int, Field(ge=0)] = Field(
         128 * 2**20,
         description="Train in memory when rows x features x 4 bytes is at most this; stream "

@@ -15,3 +15,8 @@ class DataError(SaePipelineError):
 
 class RegistryError(SaePipelineError):
     """The MLflow registry is not in the state a step needs."""
+
+
+class DeviceError(SaePipelineError):
+    """The device a task must run on is not usable on this worker (no CUDA, hidden GPUs, a
+    driver too old): a retry on the same worker fails the same way."""

@@ -32,6 +32,25 @@ class Encoder:
     net: StackedAutoencoderNet
     # ``SAEAnomalyDetector.to_state()`` (metadata, arrays) when the run fitted a detector.
     anomaly: tuple[dict[str, Any], dict[str, np.ndarray]] | None = field(default=None)
+    # Copies of ``net`` on other devices, made on first use: ``net`` itself never moves, as
+    # callers cache the encoder and share it (the registry's loader, the drift monitor).
+    _on_device: dict[str, StackedAutoencoderNet] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def net_on(self, device) -> StackedAutoencoderNet:
+        """The network on ``device`` (``net`` itself where it already is there), in eval mode."""
+        import copy
+
+        import torch
+
+        device = torch.device(device)
+        if next(self.net.parameters()).device == device:
+            return self.net
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = copy.deepcopy(self.net).to(device).eval()
+        return self._on_device[key]
 
     @property
     def code_columns(self) -> list[str]:
@@ -82,9 +101,7 @@ def encode_rows(encoder, x: np.ndarray, device=None) -> tuple[np.ndarray, np.nda
     import torch
 
     xs = torch.from_numpy(apply_scaler(encoder.scaler, x))  # (rows, features) float32
-    net = encoder.net
-    if device is not None and next(net.parameters()).device != device:
-        net.to(device)
+    net = encoder.net if device is None else encoder.net_on(device)
     with torch.inference_mode():
         xs = xs.to(next(net.parameters()).device)
         recon, code = net(xs)  # (rows, features), (rows, code)

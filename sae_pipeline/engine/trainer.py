@@ -2,9 +2,10 @@
 
 One generic loop (``train_phase``) trains "an autoencoder" given a forward function and the
 parameters to update; ``pretrain_layer`` and ``finetune`` only choose those. The loop is
-deterministic on CPU for a given seed, uses CUDA (with bf16 autocast) when present, stops
-early on validation loss and restores the best weights, and can checkpoint every few epochs
-so that a killed task resumes where it stopped.
+deterministic on CPU for a given seed, uses CUDA when present (fp32 and the fast path; bf16
+autocast only for wide layers, ``device.amp_pays``), stops early on validation loss and
+restores the best weights, and can checkpoint every few epochs so that a killed task resumes
+where it stopped, on any device (``_checkpoint``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from sae_pipeline.config import ModelConfig, PhaseConfig
 from sae_pipeline.engine import _checkpoint
 from sae_pipeline.engine._fastpath import FusedAdamStep, Layer, ManualChain
 from sae_pipeline.engine._progress import _Progress
+from sae_pipeline.engine.device import amp_pays, resolve_device
 from sae_pipeline.engine.net import StackedAutoencoderNet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FusedAdamStep", "Layer", "ManualChain"]  # the fast path, re-exported
+# the fast path and the device policy, re-exported
+__all__ = ["FusedAdamStep", "Layer", "ManualChain", "resolve_device"]
 
 ForwardFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -59,17 +62,6 @@ class History:
             "step_seconds": self.step_seconds,
             "samples_seen": self.samples_seen,
         }
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """CUDA when asked for or (``auto``) when present, else CPU."""
-    if device == "cuda" and not torch.cuda.is_available():
-        from sae_pipeline.errors import ConfigError
-
-        raise ConfigError("training.device is 'cuda' but no CUDA device is available")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def as_tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -200,7 +192,7 @@ def train_phase(
     bs = min(phase.batch_size, n)
     budget = step_budget(phase, n, bs, stream is not None)
     x_check = x_val if x_val is not None and len(x_val) else x_train
-    use_amp = amp and device.type == "cuda"
+    use_amp = amp_pays(amp, device, params)  # bf16 only for wide layers on CUDA (device.py)
 
     if checkpoint is not None and checkpoint.exists():
         state = _checkpoint.load(checkpoint)  # on the CPU, whatever device wrote it

@@ -121,9 +121,12 @@ def _epoch_checkpoint(ctx: dict[str, Any], cfg: PipelineConfig, step: str, name:
 
 
 def _record_phase(ctx, cfg, prefix: str, history_uri: str, hist, device) -> dict[str, Any]:
-    """Log a phase's per-epoch losses to MLflow, keep them beside its outputs, summarise it."""
+    """Log a phase's per-epoch losses and its device to MLflow, keep them beside its outputs,
+    summarise it."""
+    from sae_pipeline.engine.device import describe
     from sae_pipeline.registry import tracking
 
+    tracking.set_run_tags(cfg, ctx["mlflow_run_id"], {f"sae.device.{prefix}": describe(device)})
     tracking.log_history(cfg, ctx["mlflow_run_id"], prefix, hist.to_dict())
     storage.write_json(history_uri, hist.to_dict())
     tracking.log_metrics(cfg, ctx["mlflow_run_id"], {f"{prefix}_best_val_loss": hist.best_val_loss})

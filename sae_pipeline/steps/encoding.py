@@ -35,6 +35,12 @@ __all__ = ["read_output", "read_quarantine"]
 
 log = logging.getLogger(__name__)
 
+# Batch encoding runs on CPU workers (the DAG's default queue), on their CPU: its time goes to
+# Parquet and numpy work, a CPU worker runs 4 shards at once and a GPU worker 1, and the
+# network is a few small matrix products per chunk. bench/cuda_check.py prints encoding rows/s
+# on both; move it only when a GPU's number wins (docs/encoding-and-drift.md).
+ENCODE_DEVICE = "cpu"
+
 
 # ---- the DAG's steps --------------------------------------------------------------------------
 def _part_name(index: int) -> str:
@@ -260,7 +266,7 @@ def encode_shard_step(
         quarantine,
         id_column=encoder.contract.id_column,
         chunk_rows=ctx["chunk_rows"],
-        device=trainer.resolve_device("auto"),
+        device=trainer.resolve_device(ENCODE_DEVICE),
         on_rows=on_rows,
     )
     log.info(

@@ -5,6 +5,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +61,12 @@ def test_heavy_tasks_go_to_the_configured_queue(tmp_path):
     assert on_gpu == {"pretrain_layer_1", "pretrain_layer_2", "finetune"}
 
 
+def test_batch_encoding_runs_on_cpu_workers_whatever_the_heavy_queue(monkeypatch):
+    monkeypatch.setenv("SAE_HEAVY_QUEUE", "gpu")
+    dag = _load_dag_module("sae_batch_encoding").encoding_dag
+    assert {t.queue for t in dag.tasks} == {"default"}
+
+
 def test_params_map_to_config_fields():
     from sae_pipeline.config import build_config
 
@@ -108,6 +115,27 @@ def test_prepare_fails_at_once_on_a_config_error(tmp_path):
     prepare = dag.get_task("prepare").python_callable
     with pytest.raises(AirflowFailException, match="not found"):
         prepare(params={"config_path": str(tmp_path / "missing.yaml")}, run_id="manual__x")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("task_id", ["pretrain_layer_1", "finetune"])
+def test_a_heavy_task_without_the_cuda_it_requires_fails_at_once(tmp_path, monkeypatch, task_id):
+    """AirflowFailException: no retries on a worker that cannot give CUDA, the cause named."""
+    import json
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    config_uri = tmp_path / "run" / "config.json"
+    config_uri.parent.mkdir()
+    config_uri.write_text(json.dumps({"training": {"device": "cuda"}}))
+    ctx = {"config_uri": str(config_uri), "run_dir": str(tmp_path / "run")}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    dag = _load_dag_module("sae_training").build_training_dag(None)
+    callable_ = dag.get_task(task_id).python_callable
+    args = {"ctx": ctx, "layer": 1} if task_id != "finetune" else {"ctx": ctx}
+    with pytest.raises(AirflowFailException, match=r"cannot use CUDA: .*CUDA_VISIBLE_DEVICES"):
+        callable_(**args)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
 
 
 def test_a_task_that_fails_for_good_marks_the_mlflow_run_failed(store):

@@ -45,6 +45,7 @@ def topology(tmp_path_factory):
     # epoch run (no early stopping), so that the fault test's pretraining lasts long enough.
     cfg = yaml.safe_load((REPO / "configs" / "distributed.yaml").read_text())
     cfg["artifacts_root"] = str(tmp / "artifacts")
+    cfg["training"]["device"] = "cpu"  # the test's gpu worker is a CPU process
     cfg["model"] = {"hidden_dims": [32, 8]}
     cfg["training"]["pretrain"] = {"epochs": 2, "learning_rate": 0.003, "patience": 0}
     cfg["evaluation"] = {"probe_max_iter": 500}

@@ -61,6 +61,7 @@ def loop(tmp_path_factory):
 
     cfg = yaml.safe_load((REPO / "configs" / "distributed.yaml").read_text())
     cfg["artifacts_root"] = str(tmp / "artifacts")
+    cfg["training"]["device"] = "cpu"  # the test's gpu worker is a CPU process
     cfg["data"] = {"source": str(data / "train.parquet")}
     cfg["model"] = {"hidden_dims": [16, 4]}
     cfg["training"]["pretrain"] = {"epochs": 2}

@@ -449,3 +449,22 @@ def test_a_decimal_batch_encodes_like_its_floats(tmp_path, encoder):
     expected = encoder.transform(data.astype(dict.fromkeys(FEATURES, "float64")), output="all")
     got = pd.read_parquet(tmp_path / "p.parquet")
     np.testing.assert_allclose(got[encoder.code_columns], expected[encoder.code_columns], rtol=1e-5)
+
+
+def test_encoding_on_another_device_never_moves_the_cached_encoder():
+    """``encode_rows(..., device)`` moved the shared encoder's network in place (net.to)."""
+    import torch
+
+    from sae_pipeline.engine.encoder import encode_rows
+
+    assert encoding.ENCODE_DEVICE == "cpu"  # CPU workers, unless a GPU benchmark wins
+    contract = Contract(FEATURES, dict.fromkeys(FEATURES, "float64"), None, None)
+    x = np.random.default_rng(0).normal(size=(50, len(FEATURES)))
+    encoder = Encoder(contract, fit_scaler("minmax", x), build_net(Architecture(6, [5, 3]), seed=0))
+    expected, _ = encode_rows(encoder, x)
+    with pytest.raises(NotImplementedError):  # meta has no data to copy back: a stand-in GPU
+        encode_rows(encoder, x, torch.device("meta"))
+    assert {p.device.type for p in encoder.net.parameters()} == {"cpu"}
+    assert encoder.net_on(torch.device("meta")) is encoder.net_on("meta")  # one copy, reused
+    codes, _ = encode_rows(encoder, x, torch.device("cpu"))
+    np.testing.assert_array_equal(codes, expected)
