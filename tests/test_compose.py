@@ -573,3 +573,22 @@ def test_only_the_workers_hold_mlflow_credentials_and_not_the_admins(compose):
     start = (REPO / "mlflow" / "start-server.sh").read_text()
     assert "create-worker-user.py" in start
     assert (REPO / "mlflow" / "create-worker-user.py").stat().st_mode & stat.S_IXUSR
+
+
+# ---- issue 26: the CUDA image, its driver, the GPU workers the docs name ----------------------
+def test_the_cuda_image_installs_an_explicit_cuda_build_and_the_docs_name_its_driver():
+    stage = DOCKERFILE.read_text().split("FROM source AS cuda", 1)[1]
+    (variant,) = re.findall(r"^ARG TORCH_CUDA=(cu\d{3})$", stage, re.M)
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_CUDA}" in stage
+    assert "torch.version.cuda == want" in stage  # the build fails on another torch build
+    cuda = f"{variant[2:-1]}.{variant[-1]}"  # cu128 -> 12.8
+    docs = (REPO / "docs" / "deployment.md").read_text()
+    assert f"TORCH_CUDA={variant}" in docs and f"CUDA {cuda} build of PyTorch" in docs
+    assert re.search(r"NVIDIA driver of version \d{3} or later", docs)
+
+
+def test_no_doc_names_a_worker_service_the_compose_file_lacks(compose):
+    services = set(compose["services"])
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        named = set(re.findall(r"airflow-worker-[a-z0-9]+(?:-[a-z0-9]+)*", doc.read_text()))
+        assert named <= services, (doc.name, sorted(named - services))
