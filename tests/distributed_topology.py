@@ -59,14 +59,11 @@ def free_port() -> int:
 
 def require_services() -> None:
     """Skip (fail under CI) when PostgreSQL or Redis does not answer: the topology needs both."""
-    import pytest
+    from tests.ci import unavailable
 
     missing = services_reachable()
     if missing:
-        message = f"the distributed tests need {missing}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"the distributed tests need {missing}")
 
 
 def services_reachable() -> str | None:

@@ -131,17 +131,22 @@ PG_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 
 @contextmanager
 def postgres_database():
-    """A fresh database on the local PostgreSQL server, dropped afterwards; skip if none runs."""
-    import pytest
+    """A fresh database on the local PostgreSQL server, dropped afterwards; skip if none runs
+    (fail under CI, which provides it)."""
     import sqlalchemy
 
-    pytest.importorskip("psycopg2")
+    from tests.ci import unavailable
+
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        unavailable("psycopg2 is not installed (the distributed extra)")
     admin = sqlalchemy.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
     try:
         conn = admin.connect()
-    except sqlalchemy.exc.OperationalError:
+    except sqlalchemy.exc.OperationalError as err:
         admin.dispose()
-        pytest.skip("no PostgreSQL server at 127.0.0.1:5432")
+        unavailable(f"no PostgreSQL server answers at 127.0.0.1:5432 ({str(err).splitlines()[0]})")
     name = f"sae_test_{uuid.uuid4().hex[:12]}"
     conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     try:

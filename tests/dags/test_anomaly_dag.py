@@ -9,11 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CARDIO = REPO / "tests" / "fixtures" / "6_cardio.npz"  # ADBench cardio, BSD-2-Clause
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CARDIO.is_file(), reason=f"{CARDIO} not present"),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the fixture is in the repository
 
 
 @pytest.fixture(scope="module")

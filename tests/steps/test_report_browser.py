@@ -4,12 +4,11 @@ The three signals' Evidently reports are written as the monitor writes them: to 
 store and to an MLflow run under ``drift/``. Each is opened from the store and from MLflow's
 copy; every signal's per-column table must render (each column's name on the page), and the
 page must log no script error. A screenshot of each is kept in ``test-artifacts/``.
-Skips, saying why, where Chromium cannot run (``.ci/run`` installs it when run as root).
+Skips, saying why, where Chromium cannot run; fails instead under CI (``.ci/run`` installs it).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests import ci
 from tests.browser import Browser, unavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,9 +39,7 @@ def reports(tmp_path_factory):
     """The three reports in a store folder and in an MLflow run (a local store)."""
     reason = unavailable()
     if reason:
-        if os.environ.get("CI") and os.geteuid() == 0:
-            pytest.fail(f"the browser test cannot run in CI: {reason}")
-        pytest.skip(f"the browser test cannot run: {reason}")
+        ci.unavailable(f"the browser test cannot run: {reason}")
     from mlflow import MlflowClient
 
     from sae_pipeline.monitoring.drift import DriftPolicy, run_report
