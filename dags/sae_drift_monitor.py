@@ -9,24 +9,28 @@ version, drift share per signal, decision and reason.
 
 - **When**: daily (`$SAE_DRIFT_SCHEDULE`, cron) and whenever a batch is announced on the
   `sae_new_batches` Asset. A scheduled run checks the latest announced batch (only the newest
-  event is read); the `batch` param overrides both. A batch already judged against the same
-  champion version is not judged again: the run returns the earlier decision and triggers
-  nothing (`<root>/monitoring/decisions/<model>/v<version>/<batch key>.json`).
+  event is read); the `batch` param overrides both. A batch another run already acted on
+  against the same champion version is not judged again: the run returns the earlier
+  decision and triggers nothing (`<root>/monitoring/decisions/<model>/v<version>/...`).
 - **Policy** (`$SAE_DRIFT_POLICY` YAML, or params): drift share threshold, per-signal
   thresholds, minimum batch size, sample size, retraining on or off.
-- **Retraining**: when drift is found, `retraining_conf` writes the champion's training
-  snapshot plus the batch's valid rows to the store and `trigger_retraining` *queues* a
-  `sae_training` run with `conf={"data_source": <that file>, "config_path": <champion's
-  config>, ...}`; the scheduler starts it. That run registers a `challenger`, which becomes
-  `champion` only if it passes the gate on a common evaluation set; the decision and its
-  reason are tagged on the new version. Without drift both tasks are skipped.
-- **Review** (the policy's `review`, or the `review` param): under `required`, a drift
-  decision waits at the `review` task (Airflow's *Required actions*, or `PATCH .../hitlDetails`)
-  for a person to choose **retrain**, **accept** (the batch becomes the new normal) or
-  **dismiss**; the body is the check's summary with links to the reports and the MLflow run.
-  No answer within `timeout_hours` takes the policy's `default`. The choice, who made it and
-  when are tagged on the check's MLflow run and on the retrained version (`sae.review.*`).
-  Under `auto` (the default) the task passes straight through.
+- **Retraining data**: when retraining may follow, `retraining_data` writes the champion's
+  training snapshot plus the batch's valid rows to the store (a batch row supersedes the
+  champion's row with the same id) and checks it, before anyone is asked.
+- **Review** (the deployment policy's `review`; the `review` param can only raise it to
+  `required`): under `required`, a drift decision waits at the `review` task (Airflow's
+  *Required actions*, or `PATCH .../hitlDetails`) for a person to choose **retrain**,
+  **accept** (the batch becomes the new normal) or **dismiss**; the body is the check's
+  summary with links to the reports and the MLflow run. No answer within `timeout_hours`
+  takes the policy's `default`. `record_review` records the decision (once per batch and
+  version, under a lock) and tags the choice on the check's MLflow run. Under `auto` (the
+  default) the task passes straight through.
+- **Retraining**: `trigger_retraining` *queues* a `sae_training` run with
+  `conf={"data_source": <that file>, "monitor_run": <this run>, ...}`; the scheduler starts
+  it. That run registers a `challenger` (with the review's `sae.review.*` tags, read from
+  this run's record), which becomes `champion` only if it passes the gate; its end (success
+  or failure) is written back to this run's record and MLflow run. Without drift both tasks
+  are skipped.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ class DriftReview(HITLOperator):
             None,
             type=["null", "string"],
             enum=[None, "auto", "required"],
-            description="Drift decisions wait for a person (required) or not (auto).",
+            description="required: drift decisions wait for a person; auto cannot lower the "
+            "deployment policy's review.",
         ),
         "monitoring_experiment": _optional("string", "MLflow experiment of the checks."),
         "config_path": _optional("string", "YAML config; default: $SAE_CONFIG or the demo's."),
@@ -155,6 +160,19 @@ def sae_drift_monitor():
         return monitoring.check(ctx, ref)
 
     @task
+    def retraining_data(ctx: dict, summary: dict) -> dict:
+        """The retraining data, written and checked before anyone is asked to approve it."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from sae_pipeline.errors import DataError
+        from sae_pipeline.steps import monitoring
+
+        try:
+            return monitoring.prepare_data(ctx, summary)
+        except DataError as err:  # the batch stays unusable: no retries
+            raise AirflowFailException(str(err)) from err
+
+    @task
     def review_request(ctx: dict, summary: dict) -> dict:
         """What the reviewer is asked, or that the policy decides alone."""
         from sae_pipeline.steps import review
@@ -176,7 +194,7 @@ def sae_drift_monitor():
         return monitoring.training_conf(ctx, summary)
 
     ctx = prepare()
-    summary = check(ctx, reference(ctx))
+    summary = retraining_data(ctx, check(ctx, reference(ctx)))
     answer = DriftReview(
         task_id="review",
         subject="Drift review",

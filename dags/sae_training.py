@@ -61,10 +61,10 @@ def _params() -> dict[str, Param]:
         "tracking_uri": optional("string", "MLflow tracking URI."),
         "encoder_model_name": optional("string", "Registered model name of the encoder."),
         "scaler_model_name": optional("string", "Registered model name of the scaler."),
-        "review": Param(
-            None,
-            type=["null", "object"],
-            description="The drift review behind this run (sae.review.* tags for the version).",
+        "monitor_run": optional(
+            "string",
+            "The drift monitor run that queued this one: its review record gives the "
+            "version's sae.review.* tags, and this run's end is reported back to it.",
         ),
     }
 
@@ -89,7 +89,11 @@ def mark_mlflow_run_failed(context) -> None:
         return
     from sae_pipeline.steps import training as steps
 
-    steps.mark_failed(ctx, f"task {ti.task_id} failed: {context.get('exception')}")
+    reason = f"task {ti.task_id} failed: {context.get('exception')}"
+    steps.mark_failed(ctx, reason)
+    monitor_run = (context.get("params") or {}).get("monitor_run")
+    if monitor_run:  # a retraining a reviewer approved: tell them where they look
+        steps.report_to_monitor(ctx, monitor_run, False, reason)
 
 
 def heavy_step(step, *args):
@@ -211,13 +215,18 @@ def build_training_dag(config_path: str | None = None, dag_id: str = "sae_traini
         def register(ctx: dict, params: dict | None = None) -> dict:
             from sae_pipeline.steps import training as steps
 
-            return steps.register(ctx, review=params.get("review"))
+            return steps.register(ctx, monitor_run=params.get("monitor_run"))
 
         @task
-        def promote(ctx: dict, registered: dict) -> dict:
+        def promote(ctx: dict, registered: dict, params: dict | None = None) -> dict:
             from sae_pipeline.steps import training as steps
 
-            return steps.promote(ctx, registered)
+            result = steps.promote(ctx, registered)
+            if params.get("monitor_run"):
+                gate = "promoted" if result["promoted"] else "not promoted"
+                done = f"v{registered['encoder_version']} {gate}: {result['reason']}"
+                steps.report_to_monitor(ctx, params["monitor_run"], True, done)
+            return result
 
         ctx = prepare()
         scaled = fit_scaler(ctx)

@@ -131,7 +131,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
-    from sae_pipeline.steps import monitoring
+    from sae_pipeline.steps import monitoring, review
     from sae_pipeline.steps.batch_context import batch_context
 
     run_id = _cli_run_id(args.run_id, "drift")
@@ -139,10 +139,8 @@ def cmd_drift(args: argparse.Namespace) -> int:
     ctx = batch_context(run_id, params, overrides=_set_overrides(args.set))
     ctx = monitoring.prepare(ctx, args.policy, _set_overrides(args.policy_set))
     summary = monitoring.run_check(ctx, progress=not args.quiet)
-    out = {"check": summary}
-    if args.retrain:
-        out["retraining"] = monitoring.retrain(ctx, summary, f"retrain__{ctx['run_key']}")
-    print(json.dumps(out, indent=2))
+    retrain_run = f"retrain__{ctx['run_key']}" if args.retrain else None
+    print(json.dumps(review.act_here(ctx, summary, retrain_run), indent=2))
     return 0
 
 

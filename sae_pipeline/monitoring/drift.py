@@ -331,3 +331,39 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             f"- mean reconstruction error: batch {m['current']:.5f}, reference {m['reference']:.5f}"
         )
     return "\n".join(lines)
+
+
+def report_title(signal: str, summary: dict[str, Any]) -> str:
+    """An Evidently report's title: the signal, the batch and the model version."""
+    return (
+        f"{signal} drift: batch {summary['batch_key']}, "
+        f"{summary['model_name']} v{summary['model_version']}"
+    )
+
+
+def titled_html(page: str, title: str, sentence: str) -> str:
+    """An Evidently HTML report with ``title`` and the decision's ``sentence`` on top.
+
+    Evidently's own verdict ("Dataset Drift is NOT detected") concerns one signal; the
+    decision may rest on others, so the page says so before anything else.
+    """
+    import html
+
+    head = (
+        '<header style="font-family:sans-serif;margin:16px 24px;padding:12px 16px;'
+        'border:1px solid #ccc;border-radius:6px;background:#f7f7f7">'
+        f'<h1 style="font-size:20px;margin:0 0 8px">{html.escape(title)}</h1>'
+        f'<p style="margin:0" data-sae="decision">{html.escape(sentence)}</p>'
+        '<p style="margin:6px 0 0;color:#555">The verdict below is this signal\'s alone; the '
+        "decision above weighs every signal.</p></header>"
+    )
+    at = page.find("<body")
+    if at < 0:
+        return head + page
+    end = page.index(">", at) + 1
+    page = page[:end] + head + page[end:]
+    opened = page.find("<head>")
+    if 0 <= opened < at:  # the tab's title (Evidently writes none)
+        opened += len("<head>")
+        page = f"{page[:opened]}<title>{html.escape(title)}</title>{page[opened:]}"
+    return page

@@ -16,6 +16,7 @@ Airflow, MLflow or the artifact store (``sae_pipeline.steps.review`` does).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,22 +47,45 @@ class ReviewPolicy(BaseModel):
         """Whether ``decision`` waits for a person."""
         return decision in REVIEWED_DECISIONS and getattr(self, decision) == "required"
 
+    def raised_by(self, run: ReviewPolicy) -> ReviewPolicy:
+        """This (the deployment's) policy, with what ``run`` requires required too.
+
+        A run can ask for more review, never less: its ``auto`` leaves a ``required`` as it
+        is, and the default and timeout stay the deployment's (a run's ``default: retrain``
+        with a short timeout would be ``auto`` by another name).
+        """
+        modes = {d: "required" for d in REVIEWED_DECISIONS if run.required(d)}
+        return self.model_copy(update=modes)
+
 
 def auto_choice(decision: str) -> Choice | None:
     """What the policy does without a person: retrain on ``retrain``, nothing otherwise."""
     return "retrain" if decision == "retrain" else None
 
 
-def review_body(summary: dict[str, Any], links: dict[str, str]) -> str:
-    """The reviewer's page: the check's summary, then a link per report and to the MLflow run."""
+def review_body(summary: dict[str, Any], links: dict[str, str], notes: Sequence[str] = ()) -> str:
+    """The reviewer's page: the check's summary, a link per report and to the MLflow run, and
+    ``notes`` (the retraining data; reports that no public URL links)."""
     lines = [summary["summary"], "", "**Reports**", ""]
     lines += [f"- [{name}]({url})" for name, url in links.items()]
+    lines += [f"- {note}" for note in notes]
     lines += [
         "",
         "**Choices**: `retrain` (the gate still decides), `accept` (the batch becomes the new "
         "normal, nothing retrained), `dismiss` (nothing retrained, reference unchanged).",
     ]
     return "\n".join(lines)
+
+
+def retraining_note(info: dict[str, Any]) -> str:
+    """One line on what a retraining would train on (``_retraining.write_training_data``)."""
+    rows = info["rows"]
+    superseded = rows.get("superseded", 0)
+    again = f", {superseded} replaced by the batch's rows with the same id" if superseded else ""
+    return (
+        f"retraining data, checked: {rows['champion']} champion row(s){again}, plus "
+        f"{rows['batch']} batch row(s)"
+    )
 
 
 def review_subject(summary: dict[str, Any]) -> str:

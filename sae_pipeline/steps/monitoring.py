@@ -6,9 +6,10 @@ same functions. Where things go::
 
     <root>/monitoring/reference/<model>/v<version>-<sample>.parquet    the champion's reference
     <root>/monitoring/checks/<run key>/{raw,codes,reconstruction_error}.{html,json}, summary.json
-    <root>/monitoring/decisions/<model>/v<version>/<batch key>.json  what was decided, by which run
-    <root>/retraining/<run key>/training_data.parquet                  champion snapshot + batch
-                                                                       (``_retraining``)
+    <root>/monitoring/decisions/<model>/v<version>/<batch key>-p<hash>.json  what was acted on,
+                                                     by which run (``_drift_decisions``)
+    <root>/retraining/<run key>/training_data.parquet(.json)  champion snapshot + batch, and
+                                                     its manifest (``_retraining``)
 
 and one MLflow run per check in the monitoring experiment (``DriftPolicy.experiment``): the
 summary as the run's description, the drift shares as metrics, the reports as artifacts.
@@ -16,6 +17,7 @@ summary as the run's description, the drift shares as metrics, the reports as ar
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -29,8 +31,12 @@ from sae_pipeline.data import batches
 from sae_pipeline.monitoring.drift import EVIDENTLY_SIGNALS, DriftPolicy
 from sae_pipeline.registry import champion
 from sae_pipeline.registry.champion import ModelRef
-from sae_pipeline.steps._drift_decisions import decision_uri, earlier_decision
-from sae_pipeline.steps._retraining import retrain, training_conf  # noqa: F401  (the DAG's and CLI's names)
+from sae_pipeline.steps._drift_decisions import earlier_decision
+from sae_pipeline.steps._retraining import (  # noqa: F401  (the DAG's and CLI's names)
+    prepare_data,
+    retrain,
+    training_conf,
+)
 from sae_pipeline.steps.batch_context import batch_context
 
 log = logging.getLogger(__name__)
@@ -73,21 +79,48 @@ def policy_overrides(params: dict[str, Any]) -> dict[str, Any]:
 
 def context(run_id: str, params: dict[str, Any], events=None, latest=None) -> dict[str, Any]:
     """The drift DAG's context: ``batch_context`` plus the resolved drift policy."""
-    policy_path = params.get("policy_path") or os.environ.get("SAE_DRIFT_POLICY")
+    policy_path = params.get("policy_path") or os.environ.get(POLICY_ENV)
     ctx = batch_context(run_id, params, events, latest)
     return prepare(ctx, policy_path, policy_overrides(params))
+
+
+POLICY_ENV = "SAE_DRIFT_POLICY"  # the deployment's policy: its review is the floor
 
 
 def prepare(
     ctx: dict[str, Any], policy_path: str | None = None, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Add the resolved drift policy to a batch context (``batch_context``)."""
+    """Add the resolved drift policy to a batch context (``batch_context``).
+
+    ``policy_path`` and ``overrides`` are the run's (DAG params, CLI flags); the review section
+    is the deployment's (``$SAE_DRIFT_POLICY``, else the defaults), raised where the run asks
+    for more review: a run cannot lower the review the deployment requires.
+    """
     from sae_pipeline.monitoring.drift import load_policy
 
-    return {**ctx, "policy": load_policy(policy_path, overrides).model_dump(mode="json")}
+    policy = load_policy(policy_path, overrides)
+    deployed = load_policy(os.environ.get(POLICY_ENV)).review
+    policy = policy.model_copy(update={"review": deployed.raised_by(policy.review)})
+    return {**ctx, "policy": policy.model_dump(mode="json")}
 
 
 # ---- reference --------------------------------------------------------------------------------
+def reference_uri(ctx: dict[str, Any], accepted_keys: list[str]) -> str:
+    """Where the reference of (champion version, sample, accepted batches) is cached.
+
+    The accepted batches enter as a hash of every key: accepting one more batch, wherever
+    its key sorts, names another reference.
+    """
+    ref, policy = _ref(ctx), _policy(ctx)
+    tag = f"n{policy.sample_rows}-s{policy.seed}" if policy.sample_rows else "all"
+    if accepted_keys:
+        keys = "\n".join(sorted(accepted_keys))
+        tag += "-a" + hashlib.sha256(keys.encode()).hexdigest()[:16]
+    return storage.join(
+        ctx["artifacts_root"], "monitoring", "reference", ref.name, f"v{ref.version}-{tag}.parquet"
+    )
+
+
 def reference(ctx: dict[str, Any]) -> dict[str, Any]:
     """The champion's reference signals, computed once per version and kept in the store.
 
@@ -99,13 +132,8 @@ def reference(ctx: dict[str, Any]) -> dict[str, Any]:
     from sae_pipeline.steps.review import accepted_batches
 
     ref, policy = _ref(ctx), _policy(ctx)
-    tag = f"n{policy.sample_rows}-s{policy.seed}" if policy.sample_rows else "all"
     accepted = accepted_batches(ctx)  # batches a reviewer accepted as the new normal
-    if accepted:
-        tag += "-a" + storage.run_key(",".join(b["key"] for b in accepted))[-12:]
-    uri = storage.join(
-        ctx["artifacts_root"], "monitoring", "reference", ref.name, f"v{ref.version}-{tag}.parquet"
-    )
+    uri = reference_uri(ctx, [b["key"] for b in accepted])
     if storage.exists(uri + ".json"):  # written last: the reference is complete
         return {"reference": uri, **storage.read_json(uri + ".json")}
     import pandas as pd
@@ -150,7 +178,14 @@ def check(
 
     from sae_pipeline.engine.encoder import ERROR_COLUMN
     from sae_pipeline.monitoring.downstream import combine
-    from sae_pipeline.monitoring.drift import decide, run_report, signal_frames, summary_markdown
+    from sae_pipeline.monitoring.drift import (
+        decide,
+        report_title,
+        run_report,
+        signal_frames,
+        summary_markdown,
+        titled_html,
+    )
     from sae_pipeline.monitoring.flagged import FLAG_COLUMN, FLAGGED, flagged_share_result
     from sae_pipeline.steps._downstream import downstream_check
 
@@ -231,6 +266,12 @@ def check(
                 "reference": float(reference_frames["reconstruction_error"][ERROR_COLUMN].mean()),
             }
         summary["summary"] = summary_markdown(summary)
+        sentence = f"Decision: {summary['decision']}: {summary['reason']}"
+        for name in results:
+            page = Path(tmp) / f"{name}.html"
+            if page.exists():  # the Evidently reports: titled, the decision on top
+                title = report_title(name, summary)
+                page.write_text(titled_html(page.read_text(encoding="utf-8"), title, sentence))
         storage.write_json(
             str(Path(tmp) / "columns.json"), {k: r["per_column"] for k, r in results.items()}
         )
@@ -244,8 +285,7 @@ def check(
             summary["mlflow_run_id"], str(Path(tmp) / "summary.json"), "drift"
         )
         _publish(Path(tmp), out)
-    short = _short(summary)
-    storage.write_json(decision_uri(ctx), {"run_key": ctx["run_key"], "summary": short})
+    short = _short(summary)  # the decision is recorded when acted on (``review.record``)
     log.info("drift check %s: %s", ctx["run_key"], summary["summary"])
     return short
 

@@ -129,14 +129,18 @@ def _log_pictures(ctx, cfg, net, x_test, y_test) -> None:
             storage.write_bytes(_uri(ctx, "evaluate", "plots", path.name), path.read_bytes())
 
 
-def register(ctx: dict[str, Any], review: dict[str, str] | None = None) -> dict[str, Any]:
+def register(ctx: dict[str, Any], monitor_run: str | None = None) -> dict[str, Any]:
     """Register encoder bundle and scaler as new versions and give them the alias challenger.
 
-    ``review``: the drift review that asked for this run (``sae.review.*`` tags), kept on both.
+    ``monitor_run``: the drift monitor run that queued this one; the review its decision
+    record holds becomes ``sae.review.*`` tags on both (``review_tags_for``: only a record of
+    that run approving training on this run's data counts).
     """
     from sae_pipeline.registry import tracking
+    from sae_pipeline.steps._drift_decisions import review_tags_for
 
     cfg = config_of(ctx)
+    review = review_tags_for(cfg.artifacts_root, monitor_run, cfg.data.source)
     manifest = storage.read_json(_uri(ctx, "validate", "manifest.json"))
     encoder = load_encoder(ctx)
     data = _dataset(ctx)
@@ -147,7 +151,7 @@ def register(ctx: dict[str, Any], review: dict[str, str] | None = None) -> dict[
         "sae.code_version": code_version(),
         "sae.config_hash": cfg.config_hash(),
         "sae.mlflow_run_id": ctx["mlflow_run_id"],
-        **{k: str(v) for k, v in (review or {}).items() if k.startswith("sae.review.")},
+        **review,
     }
     versions = tracking.register_encoder(
         cfg, ctx["mlflow_run_id"], ctx["run_key"], encoder, example, lineage,
@@ -265,18 +269,35 @@ def mark_failed(ctx: dict[str, Any], reason: str) -> None:
     log.info("MLflow run %s marked FAILED: %s", ctx["mlflow_run_id"], reason)
 
 
+def report_to_monitor(ctx: dict[str, Any], monitor_run: str, ok: bool, detail: str) -> None:
+    """Write this retraining's end into the record of the drift monitor run that queued it."""
+    from sae_pipeline.steps._drift_decisions import report_retraining
+
+    report_retraining(config_of(ctx).artifacts_root, monitor_run, ctx["run_id"], ok, detail)
+
+
 def run_training(
     run_id: str,
     config_path: str | None = None,
     overrides: dict[str, Any] | None = None,
     resume: bool | None = None,
+    monitor_run: str | None = None,
 ) -> dict[str, Any]:
     """Every training step in DAG order; returns what each step returned.
 
     ``resume``: False for a new run (refused when ``run_id`` is taken), True to continue run
-    ``run_id`` with the config it was started with (``prepare``).
+    ``run_id`` with the config it was started with (``prepare``). ``monitor_run``: the drift
+    monitor run that asked for this retraining (``register``).
     """
     ctx = prepare(run_id, config_path, overrides, resume=resume)
+    try:
+        return _run_steps(ctx, monitor_run)
+    except Exception as err:  # as the DAG's failure callback: the MLflow run ends FAILED
+        mark_failed(ctx, f"{type(err).__name__}: {err}".splitlines()[0])
+        raise
+
+
+def _run_steps(ctx: dict[str, Any], monitor_run: str | None) -> dict[str, Any]:
     cfg = config_of(ctx)
     result: dict[str, Any] = {"context": ctx}
     result["ingest"] = ingest(ctx)
@@ -286,6 +307,6 @@ def run_training(
     result["pretrain"] = [pretrain_layer(ctx, k) for k in range(1, cfg.n_layers + 1)]
     result["finetune"] = finetune(ctx)
     result["evaluate"] = evaluate(ctx)
-    result["register"] = register(ctx)
+    result["register"] = register(ctx, monitor_run)
     result["promote"] = promote(ctx, result["register"])
     return result

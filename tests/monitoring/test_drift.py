@@ -196,8 +196,8 @@ def test_drift_monitor_dag_wiring():
     spec.loader.exec_module(module)
     dag = module.drift_dag
     order = [
-        "prepare", "reference", "check", "review_request", "review", "record_review",
-        "retraining_conf", "trigger_retraining",
+        "prepare", "reference", "check", "retraining_data", "review_request", "review",
+        "record_review", "retraining_conf", "trigger_retraining",
     ]  # fmt: skip
     assert set(dag.task_ids) == set(order)
     review = dag.get_task("review")

@@ -48,12 +48,14 @@ def world(tmp_path_factory):
 
 
 def _daily_run(world, run_id: str):
-    """What the drift DAG does for one run: check, then the retraining conf (None: skipped)."""
-    from sae_pipeline.steps import monitoring
+    """What the drift DAG does for one run: check, retraining data, record (the policy acts
+    alone: ``review: auto``), then the retraining conf (None: skipped)."""
+    from sae_pipeline.steps import monitoring, review
 
     params = {**world["params"], "batch": str(world["tmp"] / "shifted.parquet"), "sample_rows": 0}
     ctx = monitoring.context(run_id, params)
-    summary = monitoring.run_check(ctx)
+    summary = monitoring.prepare_data(ctx, monitoring.run_check(ctx))
+    summary = review.record(ctx, summary, {})
     return ctx, summary, monitoring.training_conf(ctx, summary)
 
 
@@ -117,8 +119,8 @@ def test_an_accepted_batch_is_recorded_and_joins_the_reference(world):
     asked = review.request(ctx, summary)
     assert asked["required"] and asked["options"] == ["retrain", "accept", "dismiss"]
     assert (asked["default"], asked["timeout_s"]) == ("dismiss", 24 * 3600)
-    for name in summary["drift_share"]:
-        assert f"- [{name} report](file://" in asked["body"]
+    assert "file://" not in asked["body"] and "runs:/" not in asked["body"]
+    assert f"`{summary['report_dir']}`" in asked["body"]  # named, not linked: no public URL
     assert asked["body"].startswith(f"**{summary['decision']}**")
     rows_before = monitoring.reference(ctx)["rows"]
 
@@ -138,7 +140,7 @@ def test_an_accepted_batch_is_recorded_and_joins_the_reference(world):
     assert monitoring.reference(again_ctx)["rows"] == rows_before + len(far)
 
 
-def test_a_timed_out_review_takes_the_default_and_retrain_tags_the_conf(world):
+def test_a_timed_out_review_takes_the_default(world):
     from sae_pipeline.steps import monitoring, review
 
     odd = (blobs(120, 3) * 2.0 + 8.0).assign(target=2)
@@ -146,14 +148,7 @@ def test_a_timed_out_review_takes_the_default_and_retrain_tags_the_conf(world):
     timed_out = {"chosen_options": ["dismiss"], "responded_by_user": None, "responded_at": None}
     result = review.record(ctx, summary, timed_out)
     assert result["review"]["by"] == review.TIMEOUT_REVIEWER and not result["retrain_triggered"]
-    # Had the reviewer chosen retrain, the conf carries the record to the new version's tags.
-    chosen = review.review.outcome(summary, "retrain", "ben", "2026-11-29T05:00:00+00:00")
-    conf = monitoring.training_conf(ctx, chosen)
-    assert conf["review"] == {
-        "sae.review.choice": "retrain",
-        "sae.review.by": "ben",
-        "sae.review.at": "2026-11-29T05:00:00+00:00",
-    }
+    assert monitoring.training_conf(ctx, result) is None
 
 
 # ---- downstream quality (issue 13) ------------------------------------------------------------
@@ -174,3 +169,114 @@ def test_shuffled_labels_fire_the_downstream_signal_and_clean_labels_do_not(worl
     assert "downstream" in got["labelled_shuffled"]["drifted_signals"]
     assert got["labelled_shuffled"]["decision"] == "retrain"
     assert "downstream" not in got["labelled_clean"]["drifted_signals"]
+
+
+# ---- when a decision is recorded, and who may act (issues 22 and 23) ------------------------
+def _ctx_for(world, run_id: str, name: str, frame: pd.DataFrame, **params):
+    from sae_pipeline.steps import monitoring
+
+    path = world["tmp"] / f"{name}.parquet"
+    if not path.exists():
+        frame.to_parquet(path, index=False)
+    return monitoring.context(run_id, {**world["params"], "batch": str(path), **params})
+
+
+def test_the_decision_is_recorded_when_acted_on_not_at_the_check(world):
+    """Before: the check wrote the decision, so a review that failed for good left the batch
+    "decided" with nothing done, and the next run returned "already decided"."""
+    from sae_pipeline.steps import monitoring, review
+    from sae_pipeline.steps._drift_decisions import decision_uri
+
+    late = (blobs(120, 11) * 1.7 - 4.0).assign(target=1)
+    ctx = _ctx_for(world, "review__lost", "late", late, sample_rows=0, review="required")
+    summary = monitoring.prepare_data(ctx, monitoring.run_check(ctx))
+    assert summary["decision"] == "retrain" and review.request(ctx, summary)["required"]
+    assert not monitoring.storage.exists(decision_uri(ctx))  # asked, not decided
+    # The review task failed for good: the next run judges the batch again and asks again.
+    again = _ctx_for(world, "review__next", "late", late, sample_rows=0, review="required")
+    second = monitoring.prepare_data(again, monitoring.run_check(again))
+    assert "already_decided_by" not in second and review.request(again, second)["required"]
+    answer = {"chosen_options": ["dismiss"], "responded_by_user": {"name": "ana"}}
+    review.record(again, second, {**answer, "responded_at": "2026-12-01T06:00:00+00:00"})
+    third = _ctx_for(world, "review__third", "late", late, sample_rows=0)
+    assert monitoring.run_check(third)["already_decided_by"] == "review__next"
+
+
+def test_drift_without_retrain_records_nothing_and_a_later_retrain_acts(world):
+    """Before: ``drift`` without ``--retrain`` printed ``retrain_triggered: true`` and recorded
+    the decision, so ``drift --retrain`` on the batch answered "already decided"."""
+    from mlflow import MlflowClient
+
+    from sae_pipeline.steps import monitoring, review
+    from sae_pipeline.steps._drift_decisions import decision_uri
+
+    moved = (blobs(150, 12) * 1.4 + 5.0).assign(target=0)
+    ctx = _ctx_for(world, "cli_drift__look", "moved", moved, sample_rows=0)
+    looked = review.act_here(ctx, monitoring.run_check(ctx), None)
+    assert looked["check"]["decision"] == "retrain"
+    assert looked["check"]["retrain_triggered"] is False and looked["check"]["retrain_due"]
+    assert any("record" in line for line in looked["did_not"])
+    assert any("--retrain" in line for line in looked["did_not"])
+    assert not monitoring.storage.exists(decision_uri(ctx))
+
+    act = _ctx_for(world, "cli_drift__act", "moved", moved, sample_rows=0)
+    done = review.act_here(act, monitoring.run_check(act), "retrain__cli_drift__act")
+    assert done["check"]["retrain_triggered"] and done["retraining"]["register"]
+    assert any("retrained" in line for line in done["did"])
+    record = monitoring.storage.read_json(decision_uri(act))
+    assert record["run_key"] == "cli_drift__act"
+    assert record["retraining"]["state"] == "succeeded"
+    # The version's review tags are the record's (the policy acted: review: auto).
+    c = MlflowClient(world["params"]["tracking_uri"])
+    reg = done["retraining"]["register"]
+    tags = c.get_model_version(reg["encoder_model_name"], reg["encoder_version"]).tags
+    assert tags["sae.review.choice"] == "retrain"
+    assert tags["sae.review.by"] == record["summary"]["review"]["by"]
+    check_tags = c.get_run(done["check"]["mlflow_run_id"]).data.tags
+    assert check_tags["sae.retraining.state"] == "succeeded"
+
+
+def test_a_retraining_that_fails_after_approval_reports_back(world, monkeypatch):
+    """Before: the monitor run showed success and the approved retraining failed silently."""
+    from mlflow import MlflowClient
+
+    from sae_pipeline.errors import DataError
+    from sae_pipeline.steps import monitoring, review, training
+    from sae_pipeline.steps._drift_decisions import decision_uri
+
+    far = (blobs(120, 13) * 0.6 + 9.0).assign(target=2)
+    ctx = _ctx_for(world, "review__approved", "farther", far, sample_rows=0, review="required")
+    summary = monitoring.prepare_data(ctx, monitoring.run_check(ctx))
+    answer = {"chosen_options": ["retrain"], "responded_by_user": {"name": "ben"}}
+    result = review.record(ctx, summary, {**answer, "responded_at": "2026-12-01T07:00:00+00:00"})
+
+    def failing(*_args, **_kwargs):
+        raise DataError("1 row(s) of 60 quarantined: over the limit")
+
+    monkeypatch.setattr(training, "run_training", failing)
+    with pytest.raises(DataError):
+        monitoring.retrain(ctx, result, "drift__review__approved")
+    record = monitoring.storage.read_json(decision_uri(ctx))
+    assert record["retraining"]["state"] == "failed"
+    assert record["retraining"]["training_run"] == "drift__review__approved"
+    assert "over the limit" in record["retraining"]["detail"]
+    tags = MlflowClient(world["params"]["tracking_uri"]).get_run(result["mlflow_run_id"]).data.tags
+    assert tags["sae.retraining.state"] == "failed"
+    assert "over the limit" in tags["sae.retraining.detail"]
+
+
+def test_the_reports_carry_their_title_and_the_decision_on_top(world):
+    """Before: no title, and Evidently's "Dataset Drift is NOT detected" on a batch the
+    decision retrained on (other signals drifted)."""
+    from sae_pipeline.steps import monitoring
+
+    ctx = _ctx_for(world, "titles__one", "shifted", None, sample_rows=0)
+    summary = monitoring.run_check(ctx)
+    for name in summary["drift_share"]:
+        page = (monitoring.storage.local_path(summary["report_dir"]) / f"{name}.html").read_text()
+        title = f"{name} drift: batch {summary['batch_key']}, {summary['model_name']} v"
+        top = page.index('data-sae="decision"')
+        assert title in page[: page.index("<body")]  # the tab's title
+        assert title in page[page.index("<body") : top]  # and the page's heading
+        assert top < page.index('<div id="root_')  # before Evidently's own verdict
+        assert f"Decision: {summary['decision']}" in page[top : top + 400]

@@ -45,6 +45,7 @@ def world(tmp_path):
     ctx = {
         "model": ref.to_dict(),
         "artifacts_root": root,
+        "run_id": "drift__day1",
         "run_key": "drift__day1",
         "tracking_uri": ref.tracking_uri,
         "scaler_model_name": "scaler",
@@ -114,3 +115,83 @@ def test_a_retry_replaces_what_a_killed_writer_left(world):
     (dead / "training_data.parquet").write_bytes(b"PAR1 half a file")
     _retraining.training_conf(world["ctx"], {"retrain_triggered": True})
     assert not dead.exists() and len(pd.read_parquet(world["out"])) == 500 + 228
+
+
+# ---- repeated ids: the batch's row supersedes the champion's (issues 23 item 5, 28 item 5) ----
+def test_a_batch_row_supersedes_the_champions_row_with_the_same_id(world):
+    """Before: the retraining data held both rows of ids 100-149 (the old first), so the
+    training run's validation quarantined the new rows or failed over its limit."""
+    again = rows(50, 5, 100)  # ids 100-149 scored again, with new values
+    fresh = rows(30, 6, 20_000)
+    batch = pd.concat([again, fresh], ignore_index=True)
+    path = world["tmp"] / "again.parquet"
+    batch.to_parquet(path, index=False, row_group_size=17)
+    world["ctx"]["batch"]["files"] = [str(path)]
+    _retraining.training_conf(world["ctx"], {"retrain_triggered": True})
+    got = pd.read_parquet(world["out"])
+    assert len(got) == 500 - 50 + 80 and got["id"].is_unique
+    newer = got.set_index("id").loc[100:149, FEATURES].sort_index()
+    expected = again.set_index("id")[FEATURES].sort_index()
+    pd.testing.assert_frame_equal(newer, expected)  # the batch's values, not the champion's
+    champion_part = got.iloc[: 500 - 50]
+    assert not champion_part["id"].between(100, 149).any()
+    info = storage.read_json(world["out"] + ".json")  # the retraining snapshot's manifest
+    assert info["rows"] == {"champion": 450, "superseded": 50, "batch": 80, "batch_non_finite": 0}
+    assert "supersedes" in info["rule"] and info["id_column"] == "id"
+
+
+def test_a_non_finite_batch_row_supersedes_nothing(world):
+    batch = rows(3, 7, 10)
+    batch.loc[0, "f0"] = np.nan  # id 10: dropped, so the champion's row 10 stays
+    path = world["tmp"] / "nan.parquet"
+    batch.to_parquet(path, index=False)
+    world["ctx"]["batch"]["files"] = [str(path)]
+    _retraining.training_conf(world["ctx"], {"retrain_triggered": True})
+    got = pd.read_parquet(world["out"])
+    assert got["id"].is_unique and len(got) == 500 - 2 + 2
+    assert got.loc[got["id"] == 10, "f0"].notna().all()
+
+
+def _two_files(world, second: pd.DataFrame) -> None:
+    first = world["tmp"] / "b1.parquet"
+    other = world["tmp"] / "b2.parquet"
+    rows(20, 8, 30_000).to_parquet(first, index=False)
+    second.to_parquet(other, index=False)
+    world["ctx"]["batch"]["files"] = [str(first), str(other)]
+
+
+@pytest.mark.parametrize("column", ["target", "id"])
+def test_a_label_or_id_in_only_some_batch_files_is_named_and_nothing_is_written(world, column):
+    """Before: a bare KeyError from the writer, after part of the file was staged."""
+    _two_files(world, rows(20, 9, 40_000).drop(columns=[column]))
+    with pytest.raises(DataError) as err:
+        _retraining.training_conf(world["ctx"], {"retrain_triggered": True})
+    message = str(err.value)
+    assert "\n" not in message and f"'{column}'" in message and "b2.parquet" in message
+    folder = storage.local_path(world["out"]).parent
+    assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_integer_batch_ids_against_the_champions_text_ids_are_refused(tmp_path):
+    """Before: batch id 7 became "7" and sat beside the champion's "0007" as another id."""
+    root = str(tmp_path / "artifacts")
+    ref = ModelRef("enc", "1", "mlflow-run", "champ", f"sqlite:///{tmp_path}/m.db", root)
+    cfg = DataConfig(source="x.parquet", id_column="id", snapshot_shard_rows=100)
+    champ = rows(200, 0, 0).assign(id=[f"{i:04d}" for i in range(200)])
+    snapshot.write_snapshot(champ, cfg, champion.snapshot_dir(ref))
+    path = tmp_path / "int_ids.parquet"
+    rows(10, 1, 7).to_parquet(path, index=False)  # ids 7..16 as integers
+    out = storage.join(root, "retraining", "r", "training_data.parquet")
+    with pytest.raises(DataError) as err:
+        _retraining.write_training_data(out, ref, {"files": [str(path)], "key": "b-1"})
+    message = str(err.value)
+    assert "\n" not in message and "int_ids.parquet" in message
+    assert "int64 (number)" in message and "(text)" in message
+    assert not storage.exists(out) and not storage.exists(out + ".json")
+    # Text ids match text ids: "0007" in the batch supersedes the champion's "0007".
+    text = tmp_path / "text_ids.parquet"
+    rows(10, 1, 7).assign(id=[f"{i:04d}" for i in range(7, 17)]).to_parquet(text, index=False)
+    info = _retraining.write_training_data(out, ref, {"files": [str(text)], "key": "b-2"})
+    assert info["rows"]["superseded"] == 10
+    got = pd.read_parquet(out)
+    assert got["id"].is_unique and len(got) == 200
