@@ -10,8 +10,10 @@ permutes it and cuts it into batches; the rows a buffer leaves over (fewer than 
 the next one, and the epoch's last few are dropped like the in-memory loop's ragged last batch.
 A read-ahead thread prepares the next buffers while the current one trains, so reading and
 shuffling overlap compute; it runs torch on one intra-op thread, leaving the others to
-training. On CUDA each buffer is copied to pinned memory and on to the device
-with a non-blocking copy.
+training. On CUDA (``_gpu``) the buffers are pinned host buffers allocated once per stream and
+gathered into directly, each copied to the device on a side stream as soon as the consumer
+takes it, while the block before trains; and ``readers`` threads read a buffer's chunks at
+once (the training loop needs little CPU there). On the CPU nothing of that changes.
 
 Memory: ``(3 + readahead) * (buffer_rows + chunk) * features * 4`` bytes (a chunk: a slice of
 the row cache or a row group), for the stage and the buffers alive at once (one being filled,
@@ -22,7 +24,9 @@ Every epoch's order is a pure function of (seed, epoch), so a resumed task repla
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -62,6 +66,13 @@ def _read_ahead(items: Iterator[torch.Tensor], depth: int) -> Iterator[Iterator[
         torch.set_num_threads(threads)
 
 
+def _readers(n: int) -> ThreadPoolExecutor | None:
+    """A pool of ``n`` reader threads, each on one intra-op thread; None for one (inline)."""
+    if n <= 1:
+        return None
+    return ThreadPoolExecutor(n, "sae-reader", initializer=lambda: torch.set_num_threads(1))
+
+
 class ShardStream:
     """The training batches of one part of a snapshot; ``rows`` is the part's size."""
 
@@ -82,6 +93,7 @@ class ShardStream:
         slice_rows: int = 16_384,
         readahead: int = 2,
         cache: RowCache | None = None,
+        readers: int | None = None,
     ):
         self.plan, self.columns, self.split, self.part = plan, list(columns), split, part
         self.rows, self.mult, self.add = rows, mult, add
@@ -95,6 +107,11 @@ class ShardStream:
         # overlaps the rest). Measured at 1M rows: a full first buffer took 0.3-0.6 s, as much
         # as a sixth of a 2-thread epoch, with nothing else to do.
         self.first_rows = max(self.batch, min(self.buffer_rows, chunk_rows))
+        # Threads reading one buffer's chunks: 1 on the CPU, where training needs the cores
+        # (docs/engine-scaling.md); on CUDA several, so that the reads keep up with the GPU.
+        cuda = device.type == "cuda"
+        self.readers = readers or (min(4, max(2, (os.cpu_count() or 2) - 1)) if cuda else 1)
+        self._ring = None  # CUDA: the pinned buffers (_gpu.PinnedRing), made on first use
 
     def _sources(self, order_seed: int) -> Iterator[tuple[int, Callable[[torch.Tensor], Any]]]:
         """(rows, fill) per chunk of the part in the epoch's order: ``fill(out)`` writes the
@@ -136,12 +153,24 @@ class ShardStream:
         width = len(self.columns)
         stage = torch.empty((self.buffer_rows + piece, width))
         held, target = 0, self.first_rows
-        for n, fill in self._sources(order_seed):
-            rows = stage[held : held + n]
+        pool = _readers(self.readers)
+        pending = []
+
+        def load(rows: torch.Tensor, fill) -> None:
             fill(rows)
             rows.mul_(mult).add_(add)
+
+        for n, fill in self._sources(order_seed):
+            rows = stage[held : held + n]
+            if pool is None:
+                load(rows, fill)
+            else:  # chunks into disjoint rows of the stage, all read before the shuffle
+                pending.append(pool.submit(load, rows, fill))
             held += n
             if held >= target:
+                for done in pending:
+                    done.result()
+                pending.clear()
                 target = min(self.buffer_rows, 2 * target)
                 perm = torch.randperm(held, generator=gen)
                 cut = held // self.batch * self.batch
@@ -151,39 +180,52 @@ class ShardStream:
                 stage[: len(rest)] = rest
                 held = len(rest)
                 yield out
+        for done in pending:
+            done.result()
+        if pool is not None:
+            pool.shutdown()
         if held >= self.batch:
             perm = torch.randperm(held, generator=gen)
             cut = held // self.batch * self.batch
             yield torch.index_select(stage, 0, perm[:cut], out=self._buffer(stage)[:cut])
 
-    @staticmethod
-    def _buffer(stage: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, stage: torch.Tensor) -> torch.Tensor:
         """A new buffer the stage's size, whatever the rows it will hold: buffers of varying
         sizes left the allocator's heap fragmented (peak memory varied by 0.1 GiB between
         runs of the same step); one size above the allocator's mmap threshold (32 MiB at 64
         features) is mapped and unmapped whole. A new one each time, not a ring reused: a
-        consumer may keep the batches it was given."""
+        consumer may keep the batches it was given. On CUDA: the next pinned host buffer of the
+        ring, gathered into directly, then copied to the device (the consumer keeps copies)."""
+        if self._ring is not None:
+            return self._ring.take()
         return torch.empty_like(stage)
-
-    def _tensors(self, epoch: int) -> Iterator[torch.Tensor]:
-        for t in self._buffers(epoch):
-            if self.device.type == "cuda":
-                t = t.pin_memory()  # in the read-ahead thread: the copy below can overlap
-            yield t
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[torch.Tensor]:
         """The epoch's batches, (batch, features) float32 on the device, after ``skip`` batches
         (a resumed task's position)."""
         bs = self.batch
-        with _read_ahead(self._tensors(epoch), self.readahead) as blocks:
-            for block in blocks:
-                n = len(block) // bs
-                if skip >= n:
-                    skip -= n
-                    continue
-                block = block[skip * bs :]
+        if self.device.type == "cuda":
+            from sae_pipeline.engine import _gpu
+
+            if self._ring is None:  # the stage's size; the read-ahead's buffers in flight + 3
+                piece = self.slice_rows if self.cache is not None else self.chunk_rows
+                shape = (self.buffer_rows + piece, len(self.columns))
+                self._ring = _gpu.PinnedRing(shape, self.readahead + 3)
+            self._ring.reset()
+        with _read_ahead(self._buffers(epoch), self.readahead) as blocks:
+            if self._ring is not None:
+                blocks = _gpu.to_device(blocks, self.device, self._ring, skip * bs)
                 skip = 0
-                if self.device.type == "cuda":
-                    block = block.to(self.device, non_blocking=True)
-                for i in range(0, len(block), bs):
-                    yield block[i : i + bs]
+            try:
+                for block in blocks:
+                    n = len(block) // bs
+                    if skip >= n:
+                        skip -= n
+                        continue
+                    block = block[skip * bs :]
+                    skip = 0
+                    for i in range(0, len(block), bs):
+                        yield block[i : i + bs]
+            finally:
+                if self._ring is not None:
+                    self._ring.close()  # a read-ahead thread waiting for a buffer stops
