@@ -195,3 +195,30 @@ def test_integer_batch_ids_against_the_champions_text_ids_are_refused(tmp_path):
     assert info["rows"]["superseded"] == 10
     got = pd.read_parquet(out)
     assert got["id"].is_unique and len(got) == 200
+
+
+def test_superseding_reads_the_snapshot_chunk_by_chunk(world, monkeypatch):
+    """The rule costs passes over the ids, never the whole snapshot in memory."""
+
+    def whole(*_args, **_kwargs):
+        raise AssertionError("the whole snapshot was read")
+
+    monkeypatch.setattr(snapshot, "read_snapshot", whole)
+    monkeypatch.setattr(champion, "training_snapshot", whole)
+    monkeypatch.setattr(_retraining, "CHUNK_ROWS", 64)
+    reads = []
+    real = _retraining.batches.iter_chunks
+
+    def counted(files, columns, chunk_rows, *args, **kwargs):
+        for rb in real(files, columns, chunk_rows, *args, **kwargs):
+            reads.append(rb.num_rows)
+            yield rb
+
+    monkeypatch.setattr(_retraining.batches, "iter_chunks", counted)
+    path = world["tmp"] / "overlap.parquet"
+    rows(200, 3, 250).to_parquet(path, index=False, row_group_size=40)  # ids 250-449 again
+    world["ctx"]["batch"]["files"] = [str(path)]
+    _retraining.training_conf(world["ctx"], {"retrain_triggered": True})
+    assert max(reads) <= 64
+    got = pd.read_parquet(world["out"])
+    assert len(got) == 500 - 200 + 200 and got["id"].is_unique
