@@ -17,6 +17,7 @@ def _prepared(store, run_id, **overrides):
     return ctx
 
 
+@pytest.mark.slow
 def test_each_phase_tags_the_mlflow_run_with_its_device(store):
     from mlflow import MlflowClient
 
