@@ -139,3 +139,28 @@ def test_a_closed_ring_stops_a_reader_waiting_for_a_buffer():
     ring.release(first)
     ring.reset()
     assert ring.take().data_ptr() == first.data_ptr()
+
+
+@pytest.mark.parametrize("source", ["shards", "row cache"])
+def test_a_cuda_stream_epoch_wires_the_ring_and_the_side_stream(data, fake_cuda, monkeypatch,
+                                                                source):  # fmt: skip
+    """ShardStream.epoch's CUDA branch, run on the CPU: unpinned ring, CPU copies."""
+    import functools
+
+    real_to_device = _gpu.to_device
+    monkeypatch.setattr(_gpu, "PinnedRing", functools.partial(_gpu.PinnedRing, pin=False))
+    monkeypatch.setattr(_gpu, "to_device", lambda b, d, r, s: real_to_device(b, CPU, r, s))
+    want = torch.cat(list(_stream(data, source, readers=1).epoch(2, skip=3)))
+    stream = _stream(data, source)
+    stream.device = torch.device("cuda")
+    got = torch.cat([b.clone() for b in stream.epoch(2, skip=3)])
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    ring = stream._ring
+    assert ring is not None and len(ring.buffers) == stream.readahead + 3
+    first = [b.data_ptr() for b in ring.buffers]
+    batches = stream.epoch(0)  # stopped early, as a step budget does: no thread left waiting
+    for _ in range(3):
+        next(batches)
+    batches.close()
+    assert ring.closed and [b.data_ptr() for b in stream._ring.buffers] == first
+    assert not [t for t in threading.enumerate() if t.name == "sae-prefetch"]
