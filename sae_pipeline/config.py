@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sae_pipeline import boundary
 from sae_pipeline.errors import ConfigError
 
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "linear"]
@@ -391,12 +391,10 @@ def _flatten(config: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@\s]*@")
-
-
 def mask_credentials(text: str) -> str:
-    """``text`` with every password in a URL (``scheme://user:password@host``) shown as ***."""
-    return _URL_PASSWORD.sub(r"\g<head>***@", text)
+    """``text`` with every password in a URL (``scheme://user:password@host``, or a query key
+    such as ``password``, ``token`` or ``X-Amz-Signature``) shown as ***."""
+    return boundary.mask_secrets(text)
 
 
 def _error_message(err: ValidationError) -> str:

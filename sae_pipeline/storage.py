@@ -29,8 +29,12 @@ def local_path(uri: str) -> Path:
 
 
 def normalize_root(root: str) -> str:
-    """Local roots become absolute paths, so every task on every worker agrees on them."""
-    return str(local_path(root)) if is_local(root) else root.rstrip("/")
+    """Local roots become absolute paths, so every task on every worker agrees on them; a
+    URL loses trailing slashes of its path only (``x://`` stays a URL, never ``x:``)."""
+    if is_local(root):
+        return str(local_path(root))
+    head, sep, path = root.partition("://")
+    return head + sep + path.rstrip("/")
 
 
 def run_key(run_id: str) -> str:

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sae_pipeline.boundary import SQL_SCHEMES
 from sae_pipeline.config import DataConfig, mask_credentials
 from sae_pipeline.data._exact import numpy_unless_nullable, table_to_frame
 from sae_pipeline.data._paths import data_files
 from sae_pipeline.errors import DataError
 
 SKLEARN_DATASETS = ("digits", "breast_cancer", "wine")
-SQL_SCHEMES = {"postgresql", "postgres", "mysql", "sqlite", "mssql", "oracle", "mariadb"}
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zst", ".txt")
 
@@ -53,14 +53,8 @@ def source_format(cfg: DataConfig) -> str:
 
 
 def describe_source(source: str) -> str:
-    """The source as it may be shown and recorded: database passwords masked."""
-    if "://" in source and source.split("://")[0].split("+")[0].lower() in SQL_SCHEMES:
-        import sqlalchemy
-
-        try:
-            return sqlalchemy.make_url(source).render_as_string(hide_password=True)
-        except Exception:  # an unparseable URL is reported when it is used
-            return source.split("://")[0] + "://***"
+    """The source as it may be shown and recorded: passwords and secret query values masked
+    (the whole password, up to the last ``@``: ``u:p@ss@db`` shows as ``u:***@db``)."""
     if "://" not in source:
         from pathlib import Path
 
@@ -311,7 +305,9 @@ def read_sql(url: str, query: str | None, password_env: str | None = None) -> pd
             target = sqlalchemy.make_url(url).set(password=password)
         engine = sqlalchemy.create_engine(target)
     except (sqlalchemy.exc.ArgumentError, ImportError, ValueError) as err:
-        raise DataError(f"bad database URL {shown!r}: {_first_line(err)}") from None
+        raise DataError(
+            f"bad database URL {shown!r}: {mask_credentials(_first_line(err))}"
+        ) from None
     try:
         with engine.connect() as conn:
             # coerce_float turns NUMERIC columns (Decimal objects) into floats; nullable types
@@ -322,7 +318,9 @@ def read_sql(url: str, query: str | None, password_env: str | None = None) -> pd
             return numpy_unless_nullable(frame)
     except sqlalchemy.exc.SQLAlchemyError as err:
         cause = getattr(err, "orig", None) or err
-        raise DataError(f"SQL source {shown} failed: {_first_line(cause)}") from None
+        raise DataError(
+            f"SQL source {shown} failed: {mask_credentials(_first_line(cause))}"
+        ) from None
     finally:
         engine.dispose()
 

@@ -6,10 +6,10 @@ of different runs. Two things keep them a pair:
 
 - ``promotion_lock``: one promotion of a model at a time, so that the gate compares against the
   champion that is still there when the aliases move (no lost update). It is an advisory lock
-  in the artifact store (``<root>/locks/promote/<model>.lock``), which every worker and the CLI
-  share; ``flock`` on a local or NFS root is released by the kernel when its holder dies. An
-  Airflow pool would serialise DAG tasks only, not the CLI; a registered-model tag is no lock
-  (MLflow has no compare-and-set).
+  in one folder per deployment (``$SAE_LOCK_DIR/promote/<model>.lock``, never under a run's
+  artifact root: ``lock_uri``), which every worker and the CLI share; ``flock`` on a local or
+  NFS folder is released by the kernel when its holder dies. An Airflow pool would serialise
+  DAG tasks only, not the CLI; a registered-model tag is no lock (MLflow has no compare-and-set).
 - ``converge``: every attempt ends by pointing the scaler's alias at the scaler registered by
   the same run as the encoder behind the alias (found by the run key tag), and checks that the
   encoder alias did not move meanwhile. Whoever moves the encoder alias last also moves the
@@ -20,25 +20,62 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
+from pathlib import Path
 
 from mlflow import MlflowClient
 
 from sae_pipeline import storage
 from sae_pipeline.config import PipelineConfig
 from sae_pipeline.errors import RegistryError
-from sae_pipeline.registry.tracking import CHAMPION, RUN_KEY_TAG, alias_version, find_version
+from sae_pipeline.registry.tracking import (
+    CHAMPION,
+    RUN_KEY_TAG,
+    alias_version,
+    find_version,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
+
+
+LOCK_DIR_ENV = "SAE_LOCK_DIR"
+
+
+def lock_uri(cfg: PipelineConfig, name: str) -> str:
+    """Where the promotion lock of the model ``name`` lives: one place per deployment.
+
+    ``$SAE_LOCK_DIR`` (compose: a folder on the volume every worker mounts) holds one lock per
+    model name. It is never derived from a run's params: two runs naming different artifact
+    roots still take the same lock. Unset (the embedded demo, one machine): a private folder in
+    the system's temporary folder, one per registry (tracking URI), so that separate demos on
+    one machine do not wait for each other.
+    """
+    import hashlib
+
+    safe = f"{storage.run_key(name)}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    where = os.environ.get(LOCK_DIR_ENV, "").strip()
+    if where:
+        return storage.join(storage.normalize_root(where), "promote", f"{safe}.lock")
+    registry = hashlib.sha256(tracking_uri(cfg).rstrip("/").encode()).hexdigest()[:12]
+    return str(_private_tmp() / "promote" / registry / f"{safe}.lock")
+
+
+def _private_tmp() -> Path:
+    """``<tmp>/sae-pipeline-<uid>``, made private; refused when another user owns it."""
+    path = Path(tempfile.gettempdir()) / f"sae-pipeline-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    if path.stat().st_uid != os.getuid():
+        raise RegistryError(f"{path} belongs to another user; set {LOCK_DIR_ENV}")
+    return path
 
 
 @contextlib.contextmanager
 def promotion_lock(cfg: PipelineConfig, name: str):
     """Serialise promotions of the model ``name`` across tasks, workers and the CLI."""
-    uri = storage.join(
-        storage.normalize_root(cfg.artifacts_root), "locks", "promote", f"{name}.lock"
-    )
     try:
-        with storage.lock(uri, timeout=cfg.registry.promotion_lock_timeout_s):
+        with storage.lock(lock_uri(cfg, name), timeout=cfg.registry.promotion_lock_timeout_s):
             yield
     except storage.LockTimeout as err:
         raise RegistryError(f"cannot promote {name}: {err}") from None

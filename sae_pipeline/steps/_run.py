@@ -65,9 +65,10 @@ def prepare(
         check_run_locations,
     )
 
-    check_config_path(config_path)
-    cfg = load_config(config_path, **(overrides or {}))
-    check_run_locations(cfg)  # before any MLflow call: credentials go to the URI it allows
+    # Every location is checked and normalised before any use (MLflow sends credentials to
+    # the tracking URI; the config is written under the root); only checked values go on.
+    config_path = check_config_path(config_path)
+    cfg = check_run_locations(load_config(config_path, **(overrides or {})))
     check_no_inline_password(cfg)
     if expected_layers is not None and cfg.n_layers != expected_layers:
         from sae_pipeline.errors import ConfigError
@@ -79,7 +80,6 @@ def prepare(
     # Resolve the store and the tracking URI now, so every task on every worker uses the same.
     cfg = cfg.model_copy(
         update={
-            "artifacts_root": storage.normalize_root(cfg.artifacts_root),
             "registry": cfg.registry.model_copy(
                 update={"tracking_uri": tracking.tracking_uri(cfg)}
             ),

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sae_pipeline import storage
+from sae_pipeline import boundary, storage
 from sae_pipeline.config import load_config
 from sae_pipeline.data.batches import NoBatch, inspect_batch, list_files, sources_from_events
 from sae_pipeline.registry import champion
@@ -43,11 +43,10 @@ def batch_context(
     *now*; every later task of the run uses that version. ``overrides`` are dotted config
     fields (the CLI's ``--set``).
     """
-    config_path = params.get("config_path") or os.environ.get("SAE_CONFIG")
-    check_config_path(config_path)
+    config_path = check_config_path(params.get("config_path") or os.environ.get("SAE_CONFIG"))
     cfg = load_config(config_path, **{**(overrides or {}), **overrides_from_params(params)})
-    check_run_locations(cfg)  # before any MLflow call: credentials go to the URI it allows
-    cfg = cfg.model_copy(update={"artifacts_root": storage.normalize_root(cfg.artifacts_root)})
+    # Before any MLflow call (credentials go to the URI it allows); normalised locations on.
+    cfg = check_run_locations(cfg, data=False)
     batch = params.get("batch") or sources_from_events(events)
     if not batch and latest is not None:
         with contextlib.suppress(IndexError, KeyError):
@@ -57,7 +56,12 @@ def batch_context(
             "no batch to process: set the 'batch' param or announce one with an event on the "
             "new-batches Asset whose extra holds {'path': ...}"
         )
-    files = list_files(batch)  # a wrong path fails here, before any registry lookup
+    # Each named source, then each file found in a folder (a symlink out of it), is checked
+    # against $SAE_ALLOWED_DATA_SOURCES before it is opened; a wrong path fails here, before
+    # any registry lookup.
+    sources = [batch] if isinstance(batch, str) else list(batch)
+    checked = [boundary.data_location(str(s), "batch") for s in sources]
+    files = [boundary.data_location(f, "batch file") for f in list_files(checked)]
     ref = champion.resolve(cfg, version=params.get("model_version"))
     encoder = champion.load_encoder(ref)
     info = inspect_batch(files, encoder.contract)

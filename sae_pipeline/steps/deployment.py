@@ -1,10 +1,11 @@
 """What this deployment allows a run to do, read from the environment the operator sets.
 
 A DAG run's params come from whoever may trigger it; the workers hold the MLflow credentials
-and the artifact store. So the MLflow server, artifact root and config file a run names are
-checked against allow-lists before any MLflow call (``check_run_locations``,
-``check_config_path``); credentials in URLs are masked wherever a URL is recorded
-(``mask_credentials``); and every task has a time limit (``task_timeout``).
+and the artifact store. So the MLflow server, artifact root, data source and config file a run
+names are checked against allow-lists (``sae_pipeline.boundary``) before any MLflow call, and
+only their normalised values travel on (``check_run_locations``, ``check_config_path``);
+credentials in URLs are refused, and masked wherever a URL is recorded (``mask_credentials``);
+and every task has a time limit (``task_timeout``).
 See docs/deployment-security.md.
 """
 
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from pathlib import Path
 
+from sae_pipeline import boundary
 from sae_pipeline.config import PipelineConfig, mask_credentials
 from sae_pipeline.errors import ConfigError
 
@@ -25,34 +26,34 @@ def _env_list(name: str) -> list[str]:
     return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
 
 
-def _under(path: str, roots: list[str]) -> bool:
-    p = Path(path.removeprefix("file://")).resolve()
-    return any(p == (r := Path(root).resolve()) or r in p.parents for root in roots)
-
-
-def check_config_path(config_path: str | os.PathLike | None) -> None:
-    """Refuse a config file outside ``$SAE_ALLOWED_CONFIG_DIRS`` (when that is set)."""
-    allowed = _env_list("SAE_ALLOWED_CONFIG_DIRS")
+def check_config_path(
+    config_path: str | os.PathLike | None, what: str = "config_path"
+) -> str | None:
+    """The normalised config file path; ConfigError outside ``$SAE_ALLOWED_CONFIG_DIRS``."""
     path = str(config_path or "").strip()
-    if allowed and path and not _under(path, allowed):
-        raise ConfigError(
-            f"config_path {path!r} is outside the allowed config folders "
-            f"({', '.join(allowed)}; SAE_ALLOWED_CONFIG_DIRS)"
-        )
+    return boundary.config_location(path, what) if path else None
 
 
-def check_run_locations(cfg: PipelineConfig) -> None:
-    """Refuse a run whose MLflow server or artifact store is not this deployment's.
+def check_run_locations(cfg: PipelineConfig, data: bool = True) -> PipelineConfig:
+    """``cfg`` with its locations checked and normalised; ConfigError naming a refused one.
 
-    Run params may set ``tracking_uri`` and ``artifacts_root``; MLflow sends the credentials in
-    the worker's environment to whatever server a run names. Call before any MLflow call.
+    Run params may set ``tracking_uri``, ``artifacts_root`` and ``data.source``; MLflow sends
+    the credentials in the worker's environment to whatever server a run names. Call before
+    any MLflow call, and use the returned config (its locations are the normalised ones).
 
     - ``$SAE_ALLOWED_TRACKING_URIS`` (comma-separated): the only tracking URIs a run may name.
       Unset, but MLflow credentials in the environment: only ``$MLFLOW_TRACKING_URI``.
       Neither (the embedded demo): any URI.
     - ``$SAE_ALLOWED_ARTIFACT_ROOTS``: roots the artifact store must be (or lie under).
+    - ``$SAE_ALLOWED_DATA_SOURCES`` (with ``data``): where ``data.source`` and
+      ``data.contract`` may be read from (``sae_pipeline.boundary``).
     """
     uri = cfg.registry.tracking_uri
+    if uri and boundary.find_secret(uri):
+        raise ConfigError(
+            f"tracking_uri {boundary.mask_secrets(uri)!r} holds a credential: it would be "
+            "stored with the run; set MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN instead"
+        )
     allowed = _env_list("SAE_ALLOWED_TRACKING_URIS")
     if not allowed and any(os.environ.get(k) for k in CREDENTIAL_ENV):
         allowed = _env_list("MLFLOW_TRACKING_URI") or ["(none: set MLFLOW_TRACKING_URI)"]
@@ -62,21 +63,16 @@ def check_run_locations(cfg: PipelineConfig) -> None:
             f"(allowed: {', '.join(mask_credentials(a) for a in allowed)}); the workers' MLflow "
             "credentials go only there"
         )
-    roots = _env_list("SAE_ALLOWED_ARTIFACT_ROOTS")
-    root = cfg.artifacts_root
-    if roots:
-        local = "://" not in root or root.startswith("file://")
-        ok = (
-            _under(root, [r for r in roots if "://" not in r])
-            if local
-            else any(root.rstrip("/") == r.rstrip("/") or root.startswith(r.rstrip("/") + "/")
-                     for r in roots)
-        )  # fmt: skip
-        if not ok:
-            raise ConfigError(
-                f"artifacts_root {root!r} is outside the allowed artifact roots "
-                f"({', '.join(roots)}; SAE_ALLOWED_ARTIFACT_ROOTS)"
-            )
+    update: dict = {"artifacts_root": boundary.artifact_location(cfg.artifacts_root)}
+    if data:
+        contract = cfg.data.contract
+        update["data"] = cfg.data.model_copy(
+            update={
+                "source": boundary.data_location(cfg.data.source, "data.source"),
+                "contract": contract and boundary.data_location(contract, "data.contract"),
+            }
+        )
+    return cfg.model_copy(update=update)
 
 
 def task_timeout(heavy: bool = False) -> timedelta:
@@ -97,11 +93,11 @@ def task_timeout(heavy: bool = False) -> timedelta:
 
 
 def check_no_inline_password(cfg: PipelineConfig) -> None:
-    """Refuse a ``data.source`` URL with a password in it: the resolved config is stored with
-    the run and the source is shown in logs and lineage; name an environment variable with
-    ``data.source_password_env`` instead."""
+    """Refuse a ``data.source`` URL with a password in it (userinfo or a query key such as
+    ``password``): the resolved config is stored with the run and the source is shown in logs
+    and lineage; name an environment variable with ``data.source_password_env`` instead."""
     source = cfg.data.source
-    if mask_credentials(source) != source:
+    if boundary.find_secret(source):
         raise ConfigError(
             f"data.source {mask_credentials(source)!r} holds a password: it would be stored "
             "with the run (config, MLflow, Airflow conf). Write the URL without it and set "

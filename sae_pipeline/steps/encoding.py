@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sae_pipeline import storage
+from sae_pipeline import boundary, storage
 from sae_pipeline.engine.batch_encoding import (
     CHUNK_ROWS,
     MANIFEST,
@@ -82,7 +82,8 @@ def prepare(
         output = storage.join(
             ctx["artifacts_root"], "encodings", model["name"], f"v{model['version']}", batch["key"]
         )
-    output = storage.normalize_root(output)
+    # A place encode writes (and replaces): under $SAE_ALLOWED_ARTIFACT_ROOTS, normalised.
+    output = storage.normalize_root(boundary.artifact_location(output, "output"))
     if storage.is_local(output):
         final = storage.local_path(output)
         staging = str(final.parent / f".{final.name}.{ctx['run_key']}.staging")

@@ -79,7 +79,11 @@ def policy_overrides(params: dict[str, Any]) -> dict[str, Any]:
 
 def context(run_id: str, params: dict[str, Any], events=None, latest=None) -> dict[str, Any]:
     """The drift DAG's context: ``batch_context`` plus the resolved drift policy."""
-    policy_path = params.get("policy_path") or os.environ.get(POLICY_ENV)
+    from sae_pipeline.steps.deployment import check_config_path
+
+    # A policy file a trigger names is a place: under $SAE_ALLOWED_CONFIG_DIRS, normalised.
+    policy_path = check_config_path(params.get("policy_path"), "policy_path")
+    policy_path = policy_path or os.environ.get(POLICY_ENV)
     ctx = batch_context(run_id, params, events, latest)
     return prepare(ctx, policy_path, policy_overrides(params))
 

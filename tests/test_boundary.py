@@ -1,0 +1,211 @@
+"""The trust boundary (sae_pipeline/boundary.py): parsing, allow-lists, secrets; a property test.
+
+Issue 22 items 1-3: whatever the boundary accepts lies under an allowed root of the same
+protocol, and what it hands on is the normalised value.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sae_pipeline import boundary, storage
+from sae_pipeline.boundary import check_location, find_secret, mask_secrets, parse_location
+from sae_pipeline.errors import ConfigError
+
+ENV = "SAE_TEST_ALLOWED_LOCATIONS"
+REMOTE_ROOTS = {  # protocol -> the allowed root's path segments
+    "memory": ("bucket", "root"),
+    "s3": ("bucket", "data"),
+    "http": ("h", "allowed"),
+}
+
+
+# ---- parsing and normalising ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/srv/allowed/../outside/victim.csv::memory://y",  # item 1: a chain
+        "/etc/passwd::x.csv",  # item 2: a chain that defeats the suffix guess
+        "simplecache::s3://bucket/data/x",
+        "/srv/allowed/x://",  # item 1: the trailing :// once turned into a local "x:"
+        "relative/x://y",
+        "http://h/allowed/%2e%2e/secret",
+        "http://h/allowed/%252e%252e/secret",
+        "http://h/allowed/a%2Fb",
+        "http://h/allowed\\..\\x",
+        "http://h/allowed#frag",
+        "s3://bucket/../other",
+        "memory://x\n/y",
+        "",
+        "   ",
+        "postgresql://u:p@ss@db/x",  # item 3
+        "postgresql://etl@host:5432/sales?password=hunter2",  # item 3
+        "https://h/x.csv?X-Amz-Signature=abc",
+        "https://h/x.csv?x-amz-signature=abc",
+        "https://h/x.csv?sig=abc",
+        "https://h/x.csv?access_token=abc",
+        "https://u:pw@h/x.csv",
+    ],
+)
+def test_unsafe_locations_are_refused_with_one_line_naming_them(raw):
+    with pytest.raises(ConfigError) as err:
+        parse_location(raw, "data_source")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("data_source")
+    for secret in ("hunter2", "p@ss", "ss@db", "abc'", "pw@"):
+        assert secret not in msg
+
+
+def test_locations_are_normalised_once_and_the_normalised_value_handed_on(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    real = str((tmp_path / "real").resolve())
+    assert parse_location(str(tmp_path / "link" / "a" / ".." / "b")).uri == f"{real}/b"
+    assert parse_location(f"file://{tmp_path}/link/b").uri == f"{real}/b"
+    assert parse_location("memory:///x//y/./z/../w/").uri == "memory://x/y/w"
+    assert parse_location("S3://bucket/k/").uri == "s3://bucket/k"
+    loc = parse_location("http://User@H:8080/a/../b?x=1")
+    assert (loc.protocol, loc.key, loc.uri) == ("http", ("h:8080", "b"), "http://User@H:8080/b?x=1")
+    assert parse_location("sklearn://digits").uri == "sklearn://digits"
+    sql = parse_location("postgresql+psycopg://etl@DB:5432/sales?sslmode=require")
+    assert (sql.protocol, sql.key) == ("postgresql", ("db:5432", "sales"))
+    assert parse_location("postgres://etl@db/x").protocol == "postgresql"
+    assert parse_location("sqlite:///rel.db").uri == f"sqlite:///{os.path.realpath('rel.db')}"
+    # storage no longer strips a URL down to "x:" (item 1)
+    assert storage.normalize_root("memory://x/") == "memory://x"
+    assert storage.normalize_root("/srv/a/x://") == "/srv/a/x://"
+
+
+def test_allow_lists_compare_protocol_and_whole_path_segments(monkeypatch, tmp_path):
+    allowed = tmp_path / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    (tmp_path / "allowed-evil").mkdir()
+    (allowed / "out").symlink_to(tmp_path)
+    monkeypatch.setenv(ENV, f"{allowed},s3://bucket/data,sklearn://,postgresql://db:5432")
+    ok = {
+        str(allowed / "sub" / "x.csv"): str(allowed.resolve() / "sub" / "x.csv"),
+        f"file://{allowed}/x": str(allowed.resolve() / "x"),
+        "s3://bucket/data/a/../b": "s3://bucket/data/b",
+        "sklearn://wine": "sklearn://wine",
+        "postgresql+psycopg://etl@DB:5432/w": "postgresql+psycopg://etl@DB:5432/w",
+    }
+    for raw, want in ok.items():
+        assert check_location(raw, ENV, "data_source") == want
+    refused = [
+        str(tmp_path / "allowed-evil" / "x"),  # a string prefix, not a segment prefix
+        str(allowed / ".." / "x"),
+        str(allowed / "out" / "x"),  # a symlink out of the root
+        "s3://bucket/database/x",
+        "s3://bucket/data/../x",
+        "memory://bucket/data/x",  # the same path under another protocol
+        "gs://bucket/data/x",
+        "postgresql://etl@db:5433/w",
+        "mysql://etl@db:5432/w",
+        "http://127.0.0.1:8000/metadata.csv",
+    ]
+    for raw in refused:
+        with pytest.raises(ConfigError, match=f"outside the allowed locations.*{ENV}"):
+            check_location(raw, ENV, "data_source")
+    monkeypatch.delenv(ENV)  # unset: the embedded demo allows any location...
+    assert check_location("gs://bucket/x", ENV, "data_source") == "gs://bucket/x"
+    with pytest.raises(ConfigError, match="chained"):  # ...but never a chain or a secret
+        check_location("/etc/passwd::x.csv", ENV, "data_source")
+
+
+# ---- secrets ----------------------------------------------------------------------------------
+def test_secrets_are_found_and_masked_whole():
+    assert mask_secrets("postgresql://u:p@ss@db/x") == "postgresql://u:***@db/x"  # item 3
+    assert mask_secrets("postgresql://u:p/ss@db/x") == "postgresql://u:***@db/x"
+    assert mask_secrets("see https://u:p@h/a.csv and s3://b/k") == (
+        "see https://u:***@h/a.csv and s3://b/k"
+    )
+    masked = mask_secrets("postgresql://etl@host:5432/sales?sslmode=require&PassWord=hunter2")
+    assert masked == "postgresql://etl@host:5432/sales?sslmode=require&PassWord=***"
+    assert "abc" not in mask_secrets("'https://h/x?X-Amz-Signature=abc&X-Amz-Date=1'")
+    assert mask_secrets("https://h/x?page=2") == "https://h/x?page=2"
+    assert find_secret("postgresql://etl@host/sales?password=x") == "the query key 'password'"
+    assert find_secret("https://h/x?token=") == "the query key 'token'"
+    assert find_secret("postgresql://etl@db/x") is None
+    assert find_secret("http://user@host/path:x@y") is None
+
+
+# ---- the property -----------------------------------------------------------------------------
+SEGMENTS = st.sampled_from(
+    ["allowed", "allowed-evil", "outside", "sub", "..", ".", "", "link-out", "link-in",
+     "%2e%2e", "%2F", "%252e", "a%20b", "x::memory://y", "a://", "a:", "bucket", "root",
+     "data", "h", "H", "x.csv", "~", "\\..", "?q=1", "#f", "@h"]
+)  # fmt: skip
+PREFIXES = st.sampled_from(
+    ["{tmp}/", "{tmp}/allowed/", "file://{tmp}/", "file://{tmp}/allowed/", "local://{tmp}/",
+     "", "./", "memory://", "memory:///", "memory://bucket/root/", "s3://", "s3://bucket/data/",
+     "S3://bucket/data/", "gs://bucket/data/", "http://h/allowed/", "http://H/allowed/",
+     "https://h/allowed/", "http://u@h/allowed/", "ftp://h/allowed/", "data:", "sklearn://",
+     "simplecache::s3://bucket/data/", "{tmp}/allowed/x::"]
+)  # fmt: skip
+SUFFIXES = st.sampled_from(["", "/", "://", "?v=1", "::", "/.."])
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """allowed/ (with sub/, a link out and a link in), allowed-evil/, outside/."""
+    tmp = tmp_path_factory.mktemp("tree")
+    allowed = tmp / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    (tmp / "allowed-evil").mkdir()
+    (tmp / "outside").mkdir()
+    (allowed / "link-out").symlink_to(tmp / "outside")
+    (allowed / "link-in").symlink_to(allowed / "sub")
+    (tmp / "link-to-allowed").symlink_to(allowed)
+    return tmp
+
+
+def _under_remote(uri: str) -> bool:
+    """An independent check of an accepted URL: a known protocol, no dot segments, no escapes,
+    and the allowed root's segments begin its path."""
+    protocol, _, rest = uri.partition("://")
+    path = rest.partition("?")[0]
+    segments = path.split("/")
+    assert "" not in segments[1:] and "." not in segments and ".." not in segments, uri
+    assert posixpath.normpath(path) == path, uri
+    assert "::" not in uri and "\\" not in uri, uri
+    for seg in segments:  # what a server decodes is no separator and no dot segment either
+        decoded = unquote(unquote(seg))
+        assert decoded not in (".", "..") and "/" not in decoded and "\\" not in decoded, uri
+    segments[0] = segments[0].rpartition("@")[2].lower()
+    root = REMOTE_ROOTS[protocol]
+    return tuple(segments[: len(root)]) == root
+
+
+@settings(
+    max_examples=2500,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(PREFIXES, st.lists(SEGMENTS, max_size=6), SUFFIXES, st.booleans())
+def test_whatever_the_boundary_accepts_lies_under_an_allowed_root(
+    tree, monkeypatch, prefix, segments, suffix, via_link
+):
+    allowed = tree / ("link-to-allowed" if via_link else "allowed")
+    entries = [str(allowed)] + [f"{p}://{'/'.join(r)}" for p, r in REMOTE_ROOTS.items()]
+    monkeypatch.setenv(ENV, ",".join(entries))
+    raw = prefix.format(tmp=tree) + "/".join(segments) + suffix
+    try:
+        got = check_location(raw, ENV, "location")
+    except ConfigError as err:
+        assert "\n" not in str(err)
+        return
+    assert check_location(got, ENV, "location") == got  # normalised once: a fixed point
+    loc = parse_location(got)
+    if loc.protocol == boundary.LOCAL:
+        assert got == os.path.realpath(got)  # absolute, no "..", no symlink left
+        assert Path(got).is_relative_to((tree / "allowed").resolve()), raw
+    else:
+        assert got.startswith(f"{loc.protocol}://") and _under_remote(got), raw
