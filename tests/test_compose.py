@@ -382,7 +382,7 @@ print("parsed", len(json.loads(sys.argv[1])))
 def test_images_install_with_the_script_make_uses():
     text = DOCKERFILE.read_text()
     runs = re.findall(r"^RUN\s+(.+?)(?<!\\)$", text, re.M | re.S)
-    installs = [r for r in runs if re.search(r"pip|uv |install|conda|apt", r)]
+    installs = [r for r in runs if re.search(r"\bpip\b|\buv |install|conda|\bapt", r)]
     assert installs, "no install step found"
     for run in installs:
         assert re.fullmatch(r'TORCH_INDEX_URL="\$TORCH_INDEX_URL" \./install\.sh', run.strip()), run
@@ -617,3 +617,114 @@ def test_no_doc_names_a_worker_service_the_compose_file_lacks(compose):
     for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         named = set(re.findall(r"airflow-worker-[a-z0-9]+(?:-[a-z0-9]+)*", doc.read_text()))
         assert named <= services, (doc.name, sorted(named - services))
+
+
+# ---- issue 22: the trust boundary in the deployment ------------------------------------------
+def test_the_image_code_is_not_writable_by_the_task_users_group():
+    """COPY keeps the checkout's mode bits (group-writable under umask 002) and the task user
+    has gid 0: each image ends by taking write access from group and others, after its last
+    COPY and before it switches to that user."""
+    stages = re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.M)
+    final = {s.split()[2]: s for s in stages[1:] if len(s.split()) > 2 and s.split()[1] == "AS"}
+    for name in ("cpu", "cuda"):
+        lines = [ln.strip() for ln in final[name].splitlines() if ln.strip()]
+        chmod = [i for i, ln in enumerate(lines) if ln == f"RUN chmod -R go-w {IMAGE_ROOT}"]
+        copies = [i for i, ln in enumerate(lines) if ln.startswith(("COPY", "ADD"))]
+        user = next(i for i, ln in enumerate(lines) if ln.startswith("USER"))
+        assert chmod and copies and max(copies) < chmod[-1] < user, name
+        assert lines[user] == "USER airflow", name
+    assert "USER" not in final["source"]  # the COPYs of the shared stage run as root too
+
+
+def test_the_workers_have_every_allow_list_and_one_lock_folder(compose, monkeypatch):
+    from sae_pipeline import boundary
+    from sae_pipeline.config import load_config
+    from sae_pipeline.errors import ConfigError
+
+    lists = ("SAE_ALLOWED_TRACKING_URIS", "SAE_ALLOWED_ARTIFACT_ROOTS",
+             "SAE_ALLOWED_CONFIG_DIRS", "SAE_ALLOWED_DATA_SOURCES")  # fmt: skip
+    for name in WORKERS:
+        env = compose["services"][name]["environment"]
+        assert all(env.get(k) for k in lists), name
+        mounts = dict(v.split(":")[:2][::-1] for v in compose["services"][name]["volumes"])
+        root = env["SAE_ALLOWED_ARTIFACT_ROOTS"]
+        assert mounts[root] == "sae-artifacts"  # every worker shares the root...
+        assert env["SAE_LOCK_DIR"].startswith(root + "/")  # ...and the one promotion lock
+    env = compose["services"]["airflow-worker-cpu"]["environment"]
+    cfg = load_config(env["SAE_CONFIG"].replace(IMAGE_ROOT, str(REPO), 1))
+    for k in lists:
+        monkeypatch.setenv(k, env[k])
+    # the shipped config's source, the monitor's retraining data and stored configs pass
+    boundary.data_location(cfg.data.source)
+    boundary.data_location(f"{root}/retraining/run/training_data.parquet")
+    boundary.config_location(f"{root}/runs/run/config.json")
+    with pytest.raises(ConfigError, match="outside the allowed"):
+        boundary.data_location("http://169.254.169.254/latest/meta-data")
+
+
+@pytest.fixture
+def fake_mlflow_auth():
+    """MLflow's basic-auth user API, in memory: an admin and an existing sae-worker user."""
+    import base64
+    import http.server
+    import threading
+
+    users = {"admin": "admin-pw", "sae-worker": "old-pw"}
+    calls: list[tuple[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _who(self):
+            auth = self.headers.get("Authorization", "").removeprefix("Basic ")
+            user, _, pw = base64.b64decode(auth).decode().partition(":") if auth else ("", "", "")
+            return user if users.get(user) == pw else None
+
+        def _answer(self, status, body=None):
+            data = json.dumps(body or {}).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _handle(self):
+            path = self.path.partition("?")[0]
+            calls.append((self.command, path))
+            size = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(size) or b"{}")
+            if path == "/health":
+                return self._answer(200)
+            who = self._who()
+            if who is None:
+                return self._answer(401)
+            if path.endswith("/users/create"):
+                return self._answer(400 if body["username"] in users else 200)
+            if path.endswith("/users/update-password") and who == "admin":
+                users[body["username"]] = body["password"]
+                return self._answer(200)
+            if path.endswith("/users/get"):
+                return self._answer(200)
+            return self._answer(404)
+
+        do_GET = do_POST = do_PATCH = _handle
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_port, users, calls
+    server.shutdown()
+
+
+def test_a_rotated_worker_password_is_applied_to_mlflow(fake_mlflow_auth):
+    port, users, calls = fake_mlflow_auth
+    env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pw",
+           "MLFLOW_WORKER_USERNAME": "sae-worker", "MLFLOW_WORKER_PASSWORD": "new-pw"}  # fmt: skip
+    script = [sys.executable, str(REPO / "mlflow" / "create-worker-user.py")]
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert users["sae-worker"] == "new-pw"  # the workers' new password now logs them in
+    assert "new-pw" not in done.stdout + done.stderr
+    calls.clear()  # unchanged: nothing to update
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not any(path.endswith("/update-password") for _, path in calls)
