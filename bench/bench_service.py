@@ -113,6 +113,38 @@ def server_stages(model, frame, bodies: tuple[bytes, bytes]) -> dict[str, float]
     return {k: statistics.median(timed(fn, 3)) for k, fn in stages.items()}
 
 
+def peak_rss(pid: int, invocations: str, limit_mb: float = 64) -> str:
+    """Post the largest JSON body under the limit (full-precision floats; the worst case per
+    byte) and read the server's peak RSS (VmHWM) before and after."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    def status(key: str) -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    rng = np.random.default_rng(0)
+    cols = [f"pixel_{i}" for i in range(64)]
+    per_row = len(json.dumps(rng.random((1000, 64)).tolist())) / 1000
+    n = int(limit_mb * 2**20 * 0.98 / per_row)
+    body = json.dumps({"dataframe_split": {"columns": cols, "data": rng.random((n, 64)).tolist()}})
+    body = body.encode()
+    idle = status("VmRSS")
+    url = urlsplit(invocations)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=600)
+    t = time.perf_counter()
+    conn.request("POST", url.path, body, {"Content-Type": "application/json"})
+    answer = conn.getresponse()
+    answer.read()
+    took = time.perf_counter() - t
+    peak = status("VmHWM")
+    return (
+        f"{len(body) / 2**20:.1f} MB JSON body ({n:,} rows): status {answer.status} in "
+        f"{took:.1f} s; server RSS idle {idle / 2**20:.0f} MB, peak {peak / 2**20:.0f} MB "
+        f"(+{(peak - idle) / len(body):.1f}x the body)"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,6 +158,10 @@ def main() -> int:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's)")
     p.add_argument("--latency-requests", type=int, default=200)
     p.add_argument("--repeat", type=int, default=5, help="timed repeats per batch size")
+    p.add_argument(
+        "--peak-rss", action="store_true",
+        help="only post one maximum-size JSON body to a server started here; print its peak RSS",
+    )  # fmt: skip
     p.add_argument(
         "--threads", type=int,
         help="torch threads, here and in the server it starts (default: torch's own choice)",
@@ -163,6 +199,12 @@ def main() -> int:
         print(f"service on :{port} ready after {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         url = f"http://127.0.0.1:{port}"
     invocations = url.rstrip("/") + "/invocations"
+    if args.peak_rss:
+        try:
+            print(peak_rss(sup.live.proc.pid, invocations))
+        finally:
+            sup.live.stop()
+        return 0
     try:
         model = mlflow.pyfunc.load_model(model_uri)
         encoder = bundle.load_encoder(model_uri)

@@ -148,6 +148,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sae_pipeline.config import load_config
     from sae_pipeline.registry import service, tracking
 
+    # starts, switches and retries are INFO (normal events), shown without --verbose
+    logging.getLogger(service.__name__).setLevel(logging.INFO)
     cfg = load_config(args.config, **_set_overrides(args.set))
     client = tracking.client(cfg)
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(cfg)  # for the server processes
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--plain", action="store_true",
-        help="run `mlflow models serve` as is (without the error-hygiene wrapper)",
+        help="run `mlflow models serve` as is (no limits, batching, Arrow or /metrics)",
     )  # fmt: skip
     p.add_argument("--blue-green", action="store_true", help="switch between port and port+1")
     p.add_argument("--live-file", help="with --blue-green: file that holds the live port")

@@ -150,18 +150,28 @@ def encoder_json(model_uri: str) -> dict[str, Any]:
 
 # ---- logging -----------------------------------------------------------------------------------
 def _signature(
-    columns: list[str], param: str, default: str, dtype: str = "float", extra: dict | None = None
+    inputs: list[str],
+    columns: list[str],
+    param: str,
+    default: str,
+    dtype: str = "float",
+    extra: dict | None = None,
 ):
-    """Outputs and params only: with no input schema MLflow hands the request to predict,
-    whose validation answers bad input with a 400 that names the problem. ``extra``: more
-    output columns, name -> type."""
+    """The feature columns in (doubles, each required), ``columns`` (+ ``extra``, name -> type)
+    out, one string param.
+
+    With an input schema MLflow checks each in-process ``predict`` before the model sees it: a
+    missing column, a text cell, an int64 column (an "unsafe" cast to double for MLflow) or an
+    array without column names is refused with MLflow's message, which names the columns. The
+    scoring servers parse JSON and CSV straight to doubles; ``sae-pipeline serve`` hands the
+    rows to the bundle itself, whose one-line 400s name the problem (docs/service.md)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     specs = [ColSpec(dtype, c, required=False) for c in columns]
     specs += [ColSpec(t, c, required=False) for c, t in (extra or {}).items()]
     return ModelSignature(
-        inputs=None,
+        inputs=Schema([ColSpec("double", c) for c in inputs]),
         outputs=Schema(specs),
         params=ParamSchema([ParamSpec(param, "string", default)]),
     )
@@ -212,12 +222,16 @@ def log_encoder_model(encoder: Encoder, example, registered_name: str, tags: dic
         ):
             raise RegistryError("the encoder bundle does not reproduce the encoder's outputs")
         columns = [*encoder.code_columns, runtime.ERROR_COLUMN]
-        extra = {"anomaly_score": "double", "is_anomaly": "boolean"} if bundle.anomaly else None
+        features = list(encoder.contract.feature_columns)
+        extra = {"anomaly_score": "double", "is_anomaly": "boolean"} if bundle.anomaly else {}
+        if bundle.probe:
+            text = any(isinstance(c, str) for c in bundle.probe["classes"])
+            extra["probe_label"] = "string" if text else "long"
         return _log(
             "encoder",
             ENCODER_FILE,
             artifacts,
-            signature=_signature(columns, "output", "codes", extra=extra),
+            signature=_signature(features, columns, "output", "codes", extra=extra),
             input_example=(example.head(5), {"output": "codes"}),
             registered_model_name=registered_name,
             tags=tags,
@@ -233,7 +247,7 @@ def log_scaler_model(encoder: Encoder, example, registered_name: str, tags: dict
             "scaler",
             SCALER_FILE,
             artifacts,
-            signature=_signature(columns, "direction", "transform", dtype="double"),
+            signature=_signature(columns, columns, "direction", "transform", dtype="double"),
             input_example=(example.head(5), {"direction": "transform"}),
             registered_model_name=registered_name,
             tags=tags,

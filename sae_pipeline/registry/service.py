@@ -1,24 +1,23 @@
-"""The encoder service: MLflow's scoring server on the champion, restarted when the alias moves.
+"""The encoder service: ``sae-pipeline serve`` runs the champion encoder and follows the alias.
 
-``mlflow models serve -m models:/<encoder>@champion`` *is* the service; this module only runs
-it. The scoring server resolves the alias once, at start, and has no reload endpoint, so
+The scoring server resolves ``@champion`` once, at start, and has no reload endpoint, so
 ``supervise`` polls the alias and, when it points at a new version, starts that version (on
 the same port, or on the other one of a blue/green pair), waits for ``/ping`` and only then
-stops the old server. A version that fails to start is not retried; the old one keeps serving.
+stops the old server. While nothing healthy serves, a version that does not start is retried
+with a growing pause (``RETRY_FIRST`` seconds, doubling up to ``RETRY_MAX``); it is refused for
+good only while an older version serves, and that one keeps serving.
 
-``scoring_app`` is MLflow's own scoring app (``mlflow.pyfunc.scoring_server.init``) with three
-error-hygiene fixes no model can make from ``predict``: a request without Content-Type gets 415
-instead of 500, 4xx bodies lose ``stack_trace``, and parse errors stop echoing the request
-body. ``sae-pipeline serve`` uses it with the local environment; with ``--plain`` it runs
-``mlflow models serve`` unchanged (and any ``--env-manager``).
+Each server is a child process, started with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``
+whatever the parent's environment says: a pickled model registered under the name is refused,
+never executed. By default the child runs ``serving.create_app`` (MLflow's scoring protocol
+with limits, batching, Arrow and metrics) in this environment; ``--plain`` (or another
+``--env-manager``) runs ``mlflow models serve`` unchanged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -30,47 +29,19 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MODEL_URI_ENV = "SAE_SERVE_MODEL_URI"
+NO_PICKLE = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+RETRY_FIRST, RETRY_MAX = 5.0, 300.0
 
 
-# ---- the scoring app with error hygiene --------------------------------------------------------
 def scoring_app(model_uri: str):
-    """MLflow's scoring app for ``model_uri``, with the three server-side leaks closed."""
-    from fastapi import Request
-    from fastapi.responses import Response
+    """The service app (``serving.create_app``) on ``model_uri``, loaded without unpickling."""
     from mlflow.pyfunc import load_model
-    from mlflow.pyfunc.scoring_server import init
 
-    app = init(load_model(model_uri))
+    from sae_pipeline.registry.serving import create_app
 
-    def answer(status: int, payload: dict) -> Response:
-        return Response(json.dumps(payload), status_code=status, media_type="application/json")
-
-    @app.middleware("http")
-    async def error_hygiene(request: Request, call_next):
-        if request.url.path != "/invocations":
-            return await call_next(request)
-        if not request.headers.get("content-type"):  # MLflow: None.split -> HTTP 500
-            return answer(
-                415,
-                {
-                    "error_code": "BAD_REQUEST",
-                    "message": "Content-Type header missing: use application/json or text/csv",
-                },
-            )
-        response = await call_next(request)
-        if response.status_code < 400:
-            return response
-        body = b"".join([chunk async for chunk in response.body_iterator])
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            return Response(body, status_code=response.status_code, media_type=response.media_type)
-        payload.pop("stack_trace", None)
-        if isinstance(payload.get("message"), str):  # "...\nInput: <the whole body>"
-            payload["message"] = re.sub(r"\s*Input: .*", "", payload["message"], flags=re.S)
-        return answer(response.status_code, payload)
-
-    return app
+    os.environ.update(NO_PICKLE)  # in case this runs outside the supervisor
+    name, _, version = model_uri.removeprefix("models:/").partition("/")
+    return create_app(load_model(model_uri), name=name, version=version)
 
 
 def app_from_env():
@@ -135,7 +106,12 @@ class Supervisor:
     start_timeout: float = 900
     log_dir: Path | None = None
     live: Server | None = None
-    failed: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)  # failed while an older version served
+    retry_at: dict[str, float] = field(default_factory=dict)  # version -> monotonic time
+    pause: dict[str, float] = field(default_factory=dict)  # version -> the last pause, s
+
+    def serving(self) -> bool:
+        return self.live is not None and self.live.proc.poll() is None
 
     def wanted(self, client) -> str | None:
         try:
@@ -147,9 +123,12 @@ class Supervisor:
     def step(self, client) -> bool:
         """One poll: start the alias's version if it is not the live one; True on a switch."""
         want = self.wanted(client)
-        running = self.live is not None and self.live.proc.poll() is None
-        if want is None or want in self.failed or (running and want == self.live.version):
+        if want is None:
             return False
+        if self.serving() and (want == self.live.version or want in self.refused):
+            return False
+        if not self.serving() and time.monotonic() < self.retry_at.get(want, 0.0):
+            return False  # nothing serves, and the last try of this version was too recent
         port = self.port
         if self.blue_green and self.live is not None and self.live.port == self.port:
             port = self.port + 1
@@ -158,25 +137,49 @@ class Supervisor:
         server = self._start(want, port)
         if not self._ready(server):
             server.stop()
-            self.failed.add(want)
-            log.error("serve: %s v%s did not start; keeping the previous version", self.name, want)
-            if self.live is not None and self.live.proc.poll() is not None:
-                self.live = self._start(self.live.version, self.live.port)
-                self._ready(self.live)
-            return False
+            return self._failed(want)
         if self.live is not None and self.live.port != port:
             self.live.stop()
         self.live = server
+        self.refused.discard(want)
+        self.retry_at.pop(want, None)
+        self.pause.pop(want, None)
         if self.live_file is not None:
             self.live_file.write_text(f"{port}\n")
-        log.warning("serve: %s v%s is live on port %d", self.name, want, port)
+        log.info("serve: %s v%s is live on port %d", self.name, want, port)
         return True
+
+    def _failed(self, want: str) -> bool:
+        """After ``want`` did not start: the older version keeps serving (restarted if the
+        switch had stopped it) and ``want`` is refused while it does; with nothing serving,
+        ``want`` is tried again after a pause that doubles each time."""
+        old = self.live
+        if old is not None and old.version != want and old.proc.poll() is not None:
+            self.live = self._start(old.version, old.port)
+            if not self._ready(self.live):
+                self.live.stop()
+        if self.serving() and self.live.version != want:
+            self.refused.add(want)
+            log.error(
+                "serve: %s v%s did not start; v%s keeps serving, and v%s is not tried again "
+                "while it does",
+                self.name, want, self.live.version, want,
+            )  # fmt: skip
+            return False
+        pause = min(2 * self.pause.get(want, RETRY_FIRST / 2), RETRY_MAX)
+        self.pause[want], self.retry_at[want] = pause, time.monotonic() + pause
+        log.error(
+            "serve: %s v%s did not start and nothing is serving; trying again in %g s",
+            self.name, want, pause,
+        )  # fmt: skip
+        return False
 
     def _start(self, version: str, port: int) -> Server:
         uri = f"models:/{self.name}/{version}"
         env = {
             **os.environ,
             MODEL_URI_ENV: uri,
+            **NO_PICKLE,  # whatever this process's environment says
             # `--env-manager local` runs a bare `uvicorn`: it must be on PATH
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
@@ -184,7 +187,7 @@ class Supervisor:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{self.name}-v{version}-{port}.log", "ab")  # noqa: SIM115
-        log.warning("serve: starting %s on %s:%d", uri, self.host, port)
+        log.info("serve: starting %s on %s:%d", uri, self.host, port)
         cmd = serve_command(uri, self.host, port, self.env_manager, self.plain)
         proc = subprocess.Popen(
             cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -199,21 +202,36 @@ class Supervisor:
             time.sleep(0.5)
         return False
 
-    def run(self, client, interval: float = 30, max_switches: int = 0) -> None:
-        """Poll every ``interval`` seconds until stopped (SIGTERM/Ctrl-C); stop the server."""
+    def _next_try(self) -> float:
+        """Seconds until the earliest scheduled retry (0 when none is due later)."""
+        return max(0.0, min(self.retry_at.values(), default=0.0) - time.monotonic())
+
+    def run(
+        self, client, interval: float = 30, max_switches: int = 0, start_attempts: int = 5
+    ) -> None:
+        """Poll every ``interval`` seconds until stopped (SIGTERM/Ctrl-C); stop the server.
+
+        With ``interval`` <= 0 the alias is read once: its version is started (tried up to
+        ``start_attempts`` times, with the pauses above) and served until its process ends."""
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        switches = 0
+        switches = tries = 0
         try:
             while True:
                 switches += self.step(client)
                 if max_switches and switches >= max_switches:
                     return
-                if self.live is None and not interval:
-                    raise RuntimeError(f"no version of {self.name} could be started")
-                if interval <= 0:  # no polling: wait for the one server to end
-                    self.live.proc.wait()
-                    return
-                time.sleep(interval)
+                if interval <= 0:
+                    if self.serving():  # no polling: wait for the one server to end
+                        self.live.proc.wait()
+                        return
+                    tries += 1
+                    if tries >= start_attempts:
+                        raise RuntimeError(
+                            f"no version of {self.name} could be started ({tries} tries)"
+                        )
+                    time.sleep(self._next_try())
+                    continue
+                time.sleep(interval if self.serving() else min(interval, self._next_try() + 0.1))
         finally:
             if self.live is not None:
                 self.live.stop()

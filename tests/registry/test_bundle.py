@@ -147,3 +147,50 @@ def test_requirements_are_public_pins_only():
     reqs = bundle.requirements()
     assert [r.split("==")[0] for r in reqs] == ["mlflow", "torch", "numpy", "pandas"]
     assert not any("+" in r or "sae" in r for r in reqs)
+
+
+def _served(digits, tmp_path, **arch):
+    files = bundle.write_encoder_bundle(make_encoder(digits, **arch), tmp_path)
+    return runtime.EncoderBundle.load(files["config"], files["weights"])
+
+
+def _message(call) -> str:
+    with pytest.raises(ValueError) as err:
+        call()
+    return err.value.message
+
+
+def test_a_value_that_overflows_float32_is_refused_naming_its_column(digits, tmp_path):
+    """1e39 is a finite float64; cast to the network's float32 it would be inf, and the codes
+    Infinity/NaN in a 200. Checked after scaling and the cast: a 400 naming the column."""
+    served = _served(digits, tmp_path, kind="none")
+    frame = digits.drop(columns="target").head(3).copy()
+    frame.loc[frame.index[1], "pixel_5"] = 1e39
+    message = _message(lambda: served.predict(frame, {"output": "all"}))
+    assert (
+        message
+        == "value(s) out of range after scaling in feature column(s): pixel_5 (first at row 1)"
+    )
+    ok = served.predict(frame.drop(index=frame.index[1]), {"output": "all"})
+    assert np.isfinite(ok.to_numpy(float)).all()
+
+
+def test_arrays_and_unnamed_frames_of_the_right_width_are_the_feature_columns(digits, tmp_path):
+    served = _served(digits, tmp_path)
+    frame = digits.drop(columns="target").head(5)
+    want = served.predict(frame).to_numpy()
+    x = frame.to_numpy()
+    for data in (x, pd.DataFrame(x), x.tolist()):
+        np.testing.assert_array_equal(served.predict(data).to_numpy(), want)
+    for wrong in (x[:, :3], pd.DataFrame(x[:, :3])):
+        message = _message(lambda w=wrong: served.predict(w))
+        assert message.startswith("input has 3 unnamed column(s); expected 64 feature columns: ")
+        assert "pixel_0, pixel_1" in message and "and 54 more" in message
+
+
+def test_a_non_string_output_param_is_named_by_its_type_only(digits, tmp_path):
+    served = _served(digits, tmp_path)
+    frame = digits.drop(columns="target").head(2)
+    for value, kind in (([1, 2, 3], "list"), ({"rows": [[9.5]]}, "dict")):
+        message = _message(lambda v=value: served.predict(frame, {"output": v}))
+        assert message == f"params.output must be a string, got {kind}"

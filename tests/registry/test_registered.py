@@ -96,33 +96,50 @@ def test_a_legacy_pickled_version_is_refused_with_the_migrate_command(no_pickle,
         bundle.load_encoder(info.model_uri)
 
 
-def test_mlflows_scoring_app_answers_bad_requests_with_400_and_a_plain_message(no_pickle):
+@pytest.mark.parametrize("server", ["mlflow", "sae-pipeline serve"])
+def test_the_scoring_apps_answer_bad_requests_with_400_naming_the_problem(no_pickle, server):
+    """MLflow's scoring app checks the input schema first (its message names the column, with
+    a summary of the data); the app of ``sae-pipeline serve`` answers with one line only."""
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import load_model
     from mlflow.pyfunc.scoring_server import init
 
+    from sae_pipeline.registry.serving import create_app
+
     reg = no_pickle
-    app = TestClient(init(load_model(f"models:/{reg['encoder_name']}@champion")))
+    model = load_model(f"models:/{reg['encoder_name']}@champion")
+    app = TestClient(init(model) if server == "mlflow" else create_app(model))
     cols = list(reg["frame"].columns)
     row = reg["frame"].iloc[0].tolist()
     ok = app.post("/invocations", json={"dataframe_split": {"columns": cols, "data": [row]}})
-    assert ok.status_code == 200
+    assert ok.status_code == 200, ok.text
     np.testing.assert_allclose(
         ok.json()["predictions"][0]["code_0"],
         reg["encoder"].transform(reg["frame"].head(1))["code_0"].iloc[0],
         rtol=1e-5,
     )
     bad = {
-        "missing column": ({"columns": cols[1:], "data": [row[1:]]}, "lacks 1 feature column(s)"),
-        "non-numeric": ({"columns": cols, "data": [["x", *row[1:]]]}, "non-numeric value(s)"),
-        "no rows": ({"columns": cols, "data": []}, "input has no rows"),
+        "missing column": (
+            {"columns": cols[1:], "data": [row[1:]]},
+            "Model is missing inputs ['pixel_0']",
+            "input lacks 1 feature column(s): pixel_0",
+        ),
+        "non-numeric": (
+            {"columns": cols, "data": [["x", *row[1:]]]},
+            "pixel_0",
+            "non-numeric value(s) in feature column(s): pixel_0 (row 0: 'x')",
+        ),
+        "no rows": ({"columns": cols, "data": []}, "input has no rows", "input has no rows"),
     }
-    for name, (split, message) in bad.items():
+    for name, (split, mlflows, ours) in bad.items():
         r = app.post("/invocations", json={"dataframe_split": split})
         body = r.json()
-        assert r.status_code == 400, name
-        assert message in body["message"] and "stack_trace" not in body, (name, body)
-        assert json.dumps(row[1]) not in body["message"] or name == "non-numeric"
+        assert r.status_code == 400, (name, body)
+        assert "stack_trace" not in body, (name, body)
+        if server == "mlflow":
+            assert mlflows in body["message"], (name, body)
+        else:
+            assert body["message"] == ours, (name, body)
 
 
 def test_the_service_path_and_batch_encoding_give_the_same_codes(no_pickle, tmp_path):
@@ -153,3 +170,27 @@ def test_the_service_path_and_batch_encoding_give_the_same_codes(no_pickle, tmp_
         parts.append(pq.read_table(out["part"]).to_pandas())
     batch = pd.concat(parts, ignore_index=True)[encoder.code_columns]
     np.testing.assert_array_equal(batch.to_numpy(), served.to_numpy())  # bit for bit
+
+
+def test_the_registered_models_declare_their_inputs_and_take_arrays(no_pickle, recwarn):
+    """The signature names the feature columns (doubles): tools that read it see them, and
+    MLflow refuses an array without column names naming the columns it expects."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import validate_serving_input
+
+    reg = no_pickle
+    features = list(reg["frame"].columns)
+    uri = f"models:/{reg['encoder_name']}@champion"
+    model = mlflow.pyfunc.load_model(uri)
+    assert not [w for w in recwarn if "Add type hints" in str(w.message)]
+    for name in (reg["encoder_name"], reg["scaler_name"]):
+        schema = mlflow.pyfunc.load_model(f"models:/{name}@champion").metadata.get_input_schema()
+        assert schema.input_names() == features
+        assert {t.name for t in schema.input_types()} == {"double"}
+    x = reg["frame"].head(4).to_numpy()
+    for unnamed in (x, pd.DataFrame(x)):  # MLflow's check names the expected columns
+        with pytest.raises(Exception, match=r"Model is missing inputs \['pixel_0', 'pixel_1',"):
+            model.predict(unnamed)
+    body = json.dumps({"dataframe_split": reg["frame"].head(2).to_dict(orient="split")})
+    assert len(validate_serving_input(uri, body)) == 2

@@ -318,7 +318,7 @@ def test_the_service_follows_the_champion_alias_and_hides_server_leaks(registere
         # the three leaks of MLflow's server, closed by the wrapper
         leaks = {
             "no content type": (body.encode(), None, "Content-Type header missing"),
-            "empty body (csv)": (b"", "text/csv", "Failed to parse"),
+            "empty body (csv)": (b"", "text/csv", "the CSV body is empty"),
             "malformed json": (b'{"dataframe_split": {', "application/json", "JSON"),
         }
         answers = check_bad_requests(url, registered, leaks)

@@ -4,24 +4,11 @@ Travels inside each registered model (``code_paths``) and imports only json, num
 torch and (lazily, for its error type) mlflow; never ``sae_pipeline``, scikit-learn, Airflow or
 Evidently, so a model loads wherever its own ``requirements.txt`` is installed.
 
-An encoder bundle is two files:
-
-* ``weights.npz``: the network's ``state_dict`` as plain arrays (read with
-  ``allow_pickle=False``: no unpickling of any kind);
-* ``anomaly.npz`` (only with a detector section): the detector's arrays, as ``weights.npz``;
-* ``encoder.json``: ``format``, ``arch`` (the ``Architecture`` fields), ``contract`` (feature
-  columns first), ``scaler`` (``sae_pipeline.data.scaling.to_state``), ``default_output`` and
-  optional sections. Readers ignore keys they do not know; a change of meaning bumps
-  ``format``. Optional sections:
-
-  - ``anomaly``: ``{"center": c, "scale": s, "threshold": t}``: ``anomaly_score`` =
-    (reconstruction_error - c) / s and ``is_anomaly`` = score > t; or, with ``"kind":
-    "sae-ensemble/1"`` or ``"sae-ensemble/2"`` (/2 adds isolation trees), the metadata of
-    ``SAEAnomalyDetector.to_state`` (its arrays in ``anomaly.npz``): ``anomaly_score`` = the
-    detector's outlyingness of the raw rows (minus its ``score_samples``) and ``is_anomaly`` =
-    score > its ``threshold``;
-  - ``probe``: ``{"classes": [...], "coef": [[...]] (classes, code), "intercept": [...]}``: a
-    linear classifier on the codes, ``probe_label`` = the arg-max class.
+An encoder bundle is ``weights.npz`` (the network's ``state_dict`` as plain arrays, read with
+``allow_pickle=False``), ``encoder.json`` (``format``, ``arch``, ``contract``, ``scaler``,
+``default_output`` and the optional ``anomaly`` and ``probe`` sections; readers ignore keys they
+do not know, a change of meaning bumps ``format``) and, with a detector section, ``anomaly.npz``
+(its arrays). docs/service.md describes each section and the outputs it adds.
 
 The forward pass mirrors ``sae_pipeline.engine.net.StackedAutoencoderNet`` in eval mode (dropout
 off, batch norm on running statistics) with the same state_dict keys; the scaler applies
@@ -44,6 +31,7 @@ SCALER_FORMAT = "sae-scaler-bundle/1"
 BASE_OUTPUTS = ("codes", "reconstruction_error", "all")
 ERROR_COLUMN = "reconstruction_error"
 SCALER_KINDS = ("minmax", "standard", "robust", "none")
+NEEDS_DECODE = ("reconstruction_error", "all", "anomaly")
 _BN_EPS = 1e-5  # nn.BatchNorm1d's default, as net.py builds it
 
 _ACTIVATIONS = {
@@ -60,13 +48,9 @@ _INPUT_ERROR: type | None = None
 
 
 def bad_request(message: str) -> Exception:
-    """An error MLflow's scoring server answers with HTTP 400 and exactly ``message``.
-
-    The server rewrites the ``message`` of an MlflowException raised in predict to
-    ``"Failed to predict data '<repr of the whole input>'. Error: ..."``, and answers any other
-    exception with a generic text plus a stack trace. This subclass keeps its first message, so
-    the body names the problem and never echoes the request's data.
-    """
+    """An error MLflow's scoring server answers with HTTP 400 and exactly ``message``: it
+    rewrites the message of any other MlflowException raised in predict to one that holds the
+    repr of the whole input; this subclass keeps its first message, so nothing is echoed."""
     global _INPUT_ERROR
     if _INPUT_ERROR is None:
         from mlflow.exceptions import MlflowException
@@ -87,16 +71,35 @@ def bad_request(message: str) -> Exception:
     return _INPUT_ERROR(message, error_code=_INPUT_ERROR.error_code_value)
 
 
-# ---- input validation ---------------------------------------------------------------------------
-def feature_matrix(frame: Any, columns: list[str]) -> np.ndarray:
-    """The feature columns of ``frame`` in training order, as a finite float64 array."""
-    if not isinstance(frame, pd.DataFrame):
+def as_frame(data: Any, columns: list[str]) -> pd.DataFrame:
+    """``data`` as a frame with named columns: a frame as is; an array, a list of rows or a
+    frame whose columns have no names (0, 1, ...) of the right width gets ``columns``."""
+    if isinstance(data, pd.DataFrame) and not _unnamed(data.columns):
+        return data
+    if not isinstance(data, pd.DataFrame):
         try:
-            frame = pd.DataFrame(frame)
+            data = pd.DataFrame(np.asarray(data) if isinstance(data, list) else data)
         except Exception:
             raise bad_request(
-                f"input must be a table of feature columns, got {type(frame).__name__}"
+                f"input must be a table of feature columns, got {type(data).__name__}"
             ) from None
+        if not _unnamed(data.columns):  # a dict or records: named
+            return data
+    if data.shape[1] != len(columns):
+        raise bad_request(
+            f"input has {data.shape[1]} unnamed column(s); expected {len(columns)} feature "
+            f"columns: {_names(columns)}"
+        )
+    return data.set_axis(columns, axis=1)
+
+
+def _unnamed(cols: pd.Index) -> bool:
+    return len(cols) > 0 and all(isinstance(c, (int, np.integer)) for c in cols)
+
+
+def feature_matrix(frame: Any, columns: list[str]) -> np.ndarray:
+    """The feature columns of ``frame`` in training order, as a finite float64 array."""
+    frame = as_frame(frame, columns)
     if frame.shape[0] == 0:
         raise bad_request("input has no rows")
     missing = [c for c in columns if c not in frame.columns]
@@ -116,14 +119,19 @@ def feature_matrix(frame: Any, columns: list[str]) -> np.ndarray:
             raise bad_request(f"non-numeric value(s) in feature column(s): {', '.join(bad[:10])}")
         sub = sub.apply(pd.to_numeric)
     x = sub.to_numpy(dtype=np.float64)
+    check_finite(x, columns, sub.index, "missing or infinite value(s)")
+    return x
+
+
+def check_finite(x: np.ndarray, columns: list[str], index: Any, what: str) -> None:
+    """A 400 naming the columns (and the first row) of ``x`` that are NaN or infinite."""
     finite = np.isfinite(x)
     if not finite.all():
         rows, cols = np.nonzero(~finite)
         raise bad_request(
-            "missing or infinite value(s) in feature column(s): "
-            f"{_names(sorted({columns[c] for c in cols}))} (first at row {sub.index[rows[0]]})"
+            f"{what} in feature column(s): {_names(sorted({columns[c] for c in cols}))} "
+            f"(first at row {index[rows[0]]})"
         )
-    return x
 
 
 def _plain_number(dtype: Any) -> bool:
@@ -139,12 +147,21 @@ def _names(cols: list[str], limit: int = 10) -> str:
     return ", ".join(map(str, cols[:limit])) + more
 
 
+def _choice(params: Any, key: str, allowed: tuple[str, ...], default: str) -> str:
+    """``params[key]``, one of ``allowed``; a non-string value is named by its type only."""
+    value = (params or {}).get(key) or default
+    if not isinstance(value, str):
+        raise bad_request(f"params.{key} must be a string, got {type(value).__name__}")
+    if value not in allowed:
+        raise bad_request(f"params.{key} must be one of {', '.join(allowed)}; got {_short(value)}")
+    return value
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-# ---- the scaler ---------------------------------------------------------------------------------
 class Scaler:
     """scikit-learn's transform formulas on float64, from a ``to_state`` dict."""
 
@@ -191,7 +208,6 @@ class Scaler:
         return x
 
 
-# ---- the network --------------------------------------------------------------------------------
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The state_dict arrays of ``weights.npz`` as tensors (``allow_pickle=False``)."""
     with np.load(path, allow_pickle=False) as z:
@@ -327,12 +343,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
 class EncoderBundle:
     """Raw feature frame in; codes, reconstruction error (and optional sections) out."""
 
-    def __init__(
-        self,
-        config: dict[str, Any],
-        weights: dict[str, torch.Tensor],
-        detector: dict[str, np.ndarray] | None = None,
-    ):
+    def __init__(self, config: dict, weights: dict[str, torch.Tensor], detector=None):
         if config.get("format") != FORMAT:
             raise ValueError(f"not an encoder bundle of format {FORMAT}: {config.get('format')!r}")
         self.config = config
@@ -351,20 +362,13 @@ class EncoderBundle:
             self._probe_intercept = np.asarray(self.probe["intercept"], dtype=np.float64)
             if self._probe_coef.shape != (len(self.probe["classes"]), self.net.dims[-1]):
                 raise ValueError(f"probe coef has shape {self._probe_coef.shape}")
-        self.outputs = (
-            *BASE_OUTPUTS,
-            *(("anomaly",) if self.anomaly else ()),
-            *(("probe",) if self.probe else ()),
-        )
+        optional = (("anomaly", self.anomaly), ("probe", self.probe))
+        self.outputs = (*BASE_OUTPUTS, *(name for name, section in optional if section))
         self.default_output = config.get("default_output", "codes")
 
     @classmethod
-    def load(
-        cls,
-        config_path: str | Path,
-        weights_path: str | Path,
-        anomaly_path: str | Path | None = None,
-    ) -> EncoderBundle:
+    def load(cls, config_path, weights_path, anomaly_path=None) -> EncoderBundle:
+        """From the paths of encoder.json, weights.npz and (with a detector) anomaly.npz."""
         detector = load_arrays(anomaly_path) if anomaly_path else None
         return cls(read_json(config_path), load_weights(weights_path), detector)
 
@@ -373,27 +377,35 @@ class EncoderBundle:
         return [f"code_{i}" for i in range(self.net.dims[-1])]
 
     def output_option(self, params: dict[str, Any] | None) -> str:
-        output = (params or {}).get("output") or self.default_output
-        if output not in self.outputs:
-            raise bad_request(
-                f"params.output must be one of {', '.join(self.outputs)}; got {_short(output)}"
-            )
-        return output
+        return _choice(params, "output", self.outputs, self.default_output)
 
     def predict(self, frame: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """What the pyfunc's predict returns: validates the request, then ``transform``."""
         return self.transform(frame, self.output_option(params))
 
     def transform(self, frame: Any, output: str = "codes") -> pd.DataFrame:
+        x, xs, index = self.prepare(frame)
+        codes, recon = self.net.forward(xs, decode=output in NEEDS_DECODE)
+        return self.finish(x, xs, codes, recon, output, index)
+
+    def prepare(self, frame: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+        """Checked raw rows (float64), the network's input (float32, scaled) and the index.
+
+        Finiteness is checked again after scaling and the cast to float32: a finite 1e39
+        overflows there, and would come out as Infinity/NaN codes."""
+        frame = as_frame(frame, self.feature_columns)
         x = feature_matrix(frame, self.feature_columns)
-        index = frame.index if isinstance(frame, pd.DataFrame) else None
-        xs = self.scaler.transform(x).astype(np.float32)  # (rows, features)
-        need_error = output in ("reconstruction_error", "all", "anomaly")
-        codes, recon = self.net.forward(xs, decode=need_error)
+        with np.errstate(over="ignore", invalid="ignore"):
+            xs = self.scaler.transform(x).astype(np.float32)  # (rows, features)
+        check_finite(xs, self.feature_columns, frame.index, "value(s) out of range after scaling")
+        return x, xs, frame.index
+
+    def finish(self, x, xs, codes, recon, output: str, index: Any = None) -> pd.DataFrame:
+        """The output frame of rows ``x`` (raw) / ``xs`` (scaled) from their forward pass."""
         parts: dict[str, Any] = {}
         if output in ("codes", "all"):
             parts.update(zip(self.code_columns, codes.T, strict=True))
-        if need_error:
+        if output in NEEDS_DECODE:
             err = np.mean((recon - xs) ** 2, axis=1)  # (rows,) float32, as Encoder.transform
             if output != "anomaly":
                 parts[ERROR_COLUMN] = err
@@ -427,13 +439,11 @@ class ScalerBundle:
         return cls(read_json(config_path))
 
     def predict(self, frame: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        direction = (params or {}).get("direction") or "transform"
-        if direction not in self.DIRECTIONS:
-            raise bad_request(
-                f"params.direction must be one of {', '.join(self.DIRECTIONS)}; "
-                f"got {_short(direction)}"
-            )
+        direction = _choice(params, "direction", self.DIRECTIONS, "transform")
+        frame = as_frame(frame, self.feature_columns)
         x = feature_matrix(frame, self.feature_columns)
         fn = self.scaler.transform if direction == "transform" else self.scaler.inverse_transform
-        index = frame.index if isinstance(frame, pd.DataFrame) else None
-        return pd.DataFrame(fn(x), columns=self.feature_columns, index=index)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = fn(x)
+        check_finite(out, self.feature_columns, frame.index, "value(s) out of range after scaling")
+        return pd.DataFrame(out, columns=self.feature_columns, index=frame.index)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.models import set_model
 from sae_model_runtime import ScalerBundle
 
@@ -18,7 +19,11 @@ class ScalerModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.bundle = ScalerBundle.load(context.artifacts["config"])
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+    # The hint (a frame, from which MLflow infers no schema) only silences MLflow's "Add type
+    # hints" warning at every load: the signature is logged explicitly (bundle._signature).
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         return self.bundle.predict(model_input, params)
 
 
