@@ -149,20 +149,31 @@ def encoder_json(model_uri: str) -> dict[str, Any]:
 
 
 # ---- logging -----------------------------------------------------------------------------------
+def input_types(contract: Contract) -> dict[str, str]:
+    """MLflow's type of each feature column: ``long`` where the training data held integers
+    (so the same data passes MLflow's check unchanged), ``double`` otherwise."""
+    kinds = contract.dtypes or {}
+    return {
+        c: "long" if str(kinds.get(c, "")).startswith(("int", "uint")) else "double"
+        for c in contract.feature_columns
+    }
+
+
 def _signature(
-    inputs: list[str],
+    inputs: dict[str, str],
     columns: list[str],
     param: str,
     default: str,
     dtype: str = "float",
     extra: dict | None = None,
 ):
-    """The feature columns in (doubles, each required), ``columns`` (+ ``extra``, name -> type)
-    out, one string param.
+    """The feature columns in (``inputs``: name -> type, each required), ``columns`` (+
+    ``extra``, name -> type) out, one string param.
 
     With an input schema MLflow checks each in-process ``predict`` before the model sees it: a
-    missing column, a text cell, an int64 column (an "unsafe" cast to double for MLflow) or an
-    array without column names is refused with MLflow's message, which names the columns. The
+    missing column, a text cell, a column of another type than in training (int64 data for a
+    double, floats for a long: "unsafe" casts to MLflow) or an array without column names is
+    refused with MLflow's message, which names the columns. The
     scoring servers parse JSON and CSV straight to doubles; ``sae-pipeline serve`` hands the
     rows to the bundle itself, whose one-line 400s name the problem (docs/service.md)."""
     from mlflow.models import ModelSignature
@@ -171,7 +182,7 @@ def _signature(
     specs = [ColSpec(dtype, c, required=False) for c in columns]
     specs += [ColSpec(t, c, required=False) for c, t in (extra or {}).items()]
     return ModelSignature(
-        inputs=Schema([ColSpec("double", c) for c in inputs]),
+        inputs=Schema([ColSpec(t, c) for c, t in inputs.items()]),
         outputs=Schema(specs),
         params=ParamSchema([ParamSpec(param, "string", default)]),
     )
@@ -222,7 +233,7 @@ def log_encoder_model(encoder: Encoder, example, registered_name: str, tags: dic
         ):
             raise RegistryError("the encoder bundle does not reproduce the encoder's outputs")
         columns = [*encoder.code_columns, runtime.ERROR_COLUMN]
-        features = list(encoder.contract.feature_columns)
+        features = input_types(encoder.contract)
         extra = {"anomaly_score": "double", "is_anomaly": "boolean"} if bundle.anomaly else {}
         if bundle.probe:
             text = any(isinstance(c, str) for c in bundle.probe["classes"])
@@ -247,7 +258,9 @@ def log_scaler_model(encoder: Encoder, example, registered_name: str, tags: dict
             "scaler",
             SCALER_FILE,
             artifacts,
-            signature=_signature(columns, columns, "direction", "transform", dtype="double"),
+            signature=_signature(
+                input_types(encoder.contract), columns, "direction", "transform", dtype="double"
+            ),
             input_example=(example.head(5), {"direction": "transform"}),
             registered_model_name=registered_name,
             tags=tags,

@@ -194,3 +194,14 @@ def test_a_non_string_output_param_is_named_by_its_type_only(digits, tmp_path):
     for value, kind in (([1, 2, 3], "list"), ({"rows": [[9.5]]}, "dict")):
         message = _message(lambda v=value: served.predict(frame, {"output": v}))
         assert message == f"params.output must be a string, got {kind}"
+
+
+def test_the_input_schema_keeps_the_training_datas_integer_columns_long():
+    from sae_pipeline.data.contract import Contract
+
+    contract = Contract(["a", "b", "c"], {"a": "int64", "b": "float64", "c": "uint8"}, None)
+    assert bundle.input_types(contract) == {"a": "long", "b": "double", "c": "long"}
+    signature = bundle._signature(bundle.input_types(contract), ["code_0"], "output", "codes")
+    assert [(s.name, s.type.name, s.required) for s in signature.inputs.inputs] == [
+        ("a", "long", True), ("b", "double", True), ("c", "long", True)
+    ]  # fmt: skip
