@@ -6,6 +6,8 @@ a shifted batch then drifts.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -190,7 +192,11 @@ def test_the_decision_is_recorded_when_acted_on_not_at_the_check(world):
     late = (blobs(120, 11) * 1.7 - 4.0).assign(target=1)
     ctx = _ctx_for(world, "review__lost", "late", late, sample_rows=0, review="required")
     summary = monitoring.prepare_data(ctx, monitoring.run_check(ctx))
-    assert summary["decision"] == "retrain" and review.request(ctx, summary)["required"]
+    asked = review.request(ctx, summary)
+    assert summary["decision"] == "retrain" and asked["required"]
+    # The retraining data was written and checked before anyone is asked; the page says so.
+    assert monitoring.storage.exists(summary["retraining_data"]["uri"])
+    assert re.search(r"retraining data, checked: \d+ champion row\(s\)", asked["body"])
     assert not monitoring.storage.exists(decision_uri(ctx))  # asked, not decided
     # The review task failed for good: the next run judges the batch again and asks again.
     again = _ctx_for(world, "review__next", "late", late, sample_rows=0, review="required")

@@ -229,3 +229,43 @@ def test_the_training_dag_passes_no_conf_review_to_register(monkeypatch):
     forged = {"review": {"sae.review.choice": "retrain", "sae.review.by": "alice"}}
     dag.get_task("register").python_callable({"run_id": "x"}, params=forged)
     assert seen == {"monitor_run": None}
+
+
+def test_the_training_dags_end_is_reported_to_the_monitor_run(monkeypatch):
+    """A retraining the monitor queued reports its failure (the failure callback) and its
+    success (``promote``) back to the monitor run's record (issue 23 item 5)."""
+    import importlib.util
+    from pathlib import Path
+
+    from sae_pipeline.steps import training
+
+    path = Path(__file__).resolve().parents[2] / "dags" / "sae_training.py"
+    spec = importlib.util.spec_from_file_location("_t_training_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reported, failed = [], []
+    monkeypatch.setattr(training, "mark_failed", lambda ctx, reason: failed.append(reason))
+    monkeypatch.setattr(
+        training, "report_to_monitor", lambda ctx, run, ok, detail: reported.append((run, ok))
+    )
+
+    class TI:
+        task_id = "validate"
+
+        def xcom_pull(self, task_ids):
+            return {"run_id": "drift__scheduled__1"}
+
+    params = {"monitor_run": "scheduled__1"}
+    context = {"ti": TI(), "params": params, "exception": ValueError("over the limit")}
+    module.mark_mlflow_run_failed(context)
+    assert failed and "over the limit" in failed[0]
+    assert reported == [("scheduled__1", False)]
+    module.mark_mlflow_run_failed({**context, "params": {}})  # not queued by a monitor run
+    assert reported == [("scheduled__1", False)]
+
+    monkeypatch.setattr(
+        training, "promote", lambda ctx, reg: {"promoted": True, "reason": "better"}
+    )
+    promote = module.training_dag.get_task("promote").python_callable
+    promote({"run_id": "drift__scheduled__1"}, {"encoder_version": "2"}, params=params)
+    assert reported[-1] == ("scheduled__1", True)
