@@ -637,9 +637,10 @@ def test_the_image_code_is_not_writable_by_the_task_users_group():
 
 
 def test_the_workers_have_every_allow_list_and_one_lock_folder(compose, monkeypatch):
-    from sae_pipeline import boundary
+    from sae_pipeline import boundary, storage
     from sae_pipeline.config import load_config
     from sae_pipeline.errors import ConfigError
+    from sae_pipeline.steps._drift_decisions import retraining_data_uri
 
     lists = ("SAE_ALLOWED_TRACKING_URIS", "SAE_ALLOWED_ARTIFACT_ROOTS",
              "SAE_ALLOWED_CONFIG_DIRS", "SAE_ALLOWED_DATA_SOURCES")  # fmt: skip
@@ -654,10 +655,11 @@ def test_the_workers_have_every_allow_list_and_one_lock_folder(compose, monkeypa
     cfg = load_config(env["SAE_CONFIG"].replace(IMAGE_ROOT, str(REPO), 1))
     for k in lists:
         monkeypatch.setenv(k, env[k])
-    # the shipped config's source, the monitor's retraining data and stored configs pass
+    # the shipped config's source, the monitor's retraining data and the champion's stored
+    # config (what a retraining run's conf names) pass
     boundary.data_location(cfg.data.source)
-    boundary.data_location(f"{root}/retraining/run/training_data.parquet")
-    boundary.config_location(f"{root}/runs/run/config.json")
+    boundary.data_location(retraining_data_uri(root, "scheduled__2026"))
+    boundary.config_location(storage.join(storage.run_dir(root, "manual__1"), "config.json"))
     with pytest.raises(ConfigError, match="outside the allowed"):
         boundary.data_location("http://169.254.169.254/latest/meta-data")
 

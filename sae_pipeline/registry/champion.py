@@ -16,9 +16,9 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sae_pipeline import storage
+from sae_pipeline import boundary, storage
 from sae_pipeline.config import PipelineConfig
-from sae_pipeline.errors import RegistryError
+from sae_pipeline.errors import ConfigError, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,16 @@ def resolve(cfg: PipelineConfig, alias: str = "champion", version: str | None = 
             "registered by this pipeline, so its training data cannot be found"
         )
     run_id = v.tags.get(MLFLOW_RUN_TAG) or v.run_id
-    # The run's own record of where its artifacts went beats today's config.
+    # The run's own record of where its artifacts went beats today's config. Tags and params
+    # are anyone's with write access to the registry: both pass the boundary before any read.
     root = c.get_run(run_id).data.params.get("artifacts_root") or cfg.artifacts_root
+    where = f"{name} version {v.version}"
+    if storage.run_key(run_key) != run_key or not run_key.strip("."):
+        raise RegistryError(f"{where}: its tag {tracking.RUN_KEY_TAG}={run_key!r} is no run key")
+    try:
+        root = boundary.artifact_location(root, f"the artifacts_root of {where}'s run")
+    except ConfigError as err:
+        raise RegistryError(str(err)) from None
     return ModelRef(
         name=name,
         version=str(v.version),

@@ -258,3 +258,33 @@ def test_item8_runs_naming_different_roots_take_the_same_promotion_lock(
     assert not allowed.exists()  # nothing under either run's root
     lock = promotion.lock_uri(cfgs[0], "../../m")  # a name cannot climb out of the folder
     assert storage.local_path(lock).is_relative_to(tmp_path / ("locks" if lock_dir else "tmp"))
+
+
+# ---- a sibling: what the registry says about a version ----------------------------------------
+def test_a_versions_recorded_root_and_run_key_pass_the_boundary_before_any_read(deployment):
+    """Anyone with write access to MLflow can register a version whose run names another root
+    or whose run key climbs: the consumers (encoding, drift) would read the training snapshot
+    from there."""
+    from mlflow import MlflowClient
+
+    from sae_pipeline.registry import champion, tracking
+
+    uri = deployment.params["registry.tracking_uri"]
+    c = MlflowClient(uri, uri)
+    exp = c.create_experiment("x", artifact_location=str(deployment.allowed / "mlruns"))
+    cfg = build_config({}, deployment.params)
+    name = cfg.registry.encoder_model_name
+    c.create_registered_model(name)
+    cases = {
+        str(deployment.tmp / "outside"): ("manual__1", "outside the allowed locations"),
+        str(deployment.allowed): ("../../outside", "is no run key"),
+    }
+    for root, (key, error) in cases.items():
+        run = c.create_run(exp).info.run_id
+        c.log_param(run, "artifacts_root", root)
+        tags = {tracking.RUN_KEY_TAG: key, champion.MLFLOW_RUN_TAG: run}
+        v = c.create_model_version(name, f"runs:/{run}/model", run_id=run, tags=tags)
+        with pytest.raises(RegistryError, match=error) as err:
+            champion.resolve(cfg, version=v.version)
+        assert "\n" not in str(err.value)
+    assert not (deployment.tmp / "outside").exists()
