@@ -1,4 +1,4 @@
-"""The promises the soak (tests/dags/test_soak.py) checks once every batch has run.
+"""The promises the soak (tests/dags/soak.py) checks once every batch has run.
 
 Each check returns ``(held, detail)``; ``detail`` says what was counted, or what broke.
 ``soak`` is the test's record of the run: the topology, the artifact store, the batches

@@ -1,4 +1,4 @@
-"""The soak's own PostgreSQL cluster and Redis server (tests/dags/test_soak.py).
+"""The soak's own PostgreSQL cluster and Redis server (tests/dags/soak.py).
 
 The soak restarts the metadata database and the broker, so it cannot use the machine's: it
 starts a PostgreSQL cluster (``initdb`` in a temporary folder, its own port, trust auth on
