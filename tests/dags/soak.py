@@ -2,10 +2,10 @@
 
 ``make soak`` runs it; the file is named so that ``make test`` does not collect it. The
 topology of tests/distributed_topology.py on a PostgreSQL cluster and a Redis server of the
-soak's own (tests/soak_services.py), the scheduler creating runs from Asset events, a supervisor that
-restarts any process that exits (compose's ``restart: unless-stopped``). Seven batches are
-announced one after another on ``sae_new_batches``, each running encoding and the drift
-monitor, and the fault schedule injects one fault into each stage:
+soak's own (tests/soak_services.py), the scheduler creating runs from Asset events, a
+supervisor that restarts any process that exits (compose's ``restart: unless-stopped``). Seven
+batches are announced one after another on ``sae_new_batches``, each running encoding and the
+drift monitor, and the fault schedule injects one fault into each stage:
 
 =============  =====================================  =========================================
 batch          what happens                           fault
