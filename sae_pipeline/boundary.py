@@ -170,7 +170,7 @@ def _sql(raw: str, what: str) -> Location:
         key = _segments(url.database or "")
     else:
         host = (url.host or "").lower() + (f":{url.port}" if url.port else "")
-        key = (host, *_segments(url.database or ""))
+        key = (host, url.database) if url.database else (host,)  # a name, not a path
     return Location(protocol, key, url.render_as_string(hide_password=False))
 
 

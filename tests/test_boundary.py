@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+import sqlalchemy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ REMOTE_ROOTS = {  # protocol -> the allowed root's path segments
     "memory": ("bucket", "root"),
     "s3": ("bucket", "data"),
     "http": ("h", "allowed"),
+    "postgresql": ("db:5432",),
 }
 
 
@@ -147,7 +149,9 @@ PREFIXES = st.sampled_from(
      "", "./", "memory://", "memory:///", "memory://bucket/root/", "s3://", "s3://bucket/data/",
      "S3://bucket/data/", "gs://bucket/data/", "http://h/allowed/", "http://H/allowed/",
      "https://h/allowed/", "http://u@h/allowed/", "ftp://h/allowed/", "data:", "sklearn://",
-     "simplecache::s3://bucket/data/", "{tmp}/allowed/x::"]
+     "simplecache::s3://bucket/data/", "{tmp}/allowed/x::", "postgresql://etl@DB:5432/",
+     "postgresql+psycopg://etl@db:5432/", "postgresql://u:p@db:5432/", "mysql://etl@db:5432/",
+     "sqlite:///{tmp}/allowed/"]
 )  # fmt: skip
 SUFFIXES = st.sampled_from(["", "/", "://", "?v=1", "::", "/.."])
 
@@ -207,5 +211,8 @@ def test_whatever_the_boundary_accepts_lies_under_an_allowed_root(
     if loc.protocol == boundary.LOCAL:
         assert got == os.path.realpath(got)  # absolute, no "..", no symlink left
         assert Path(got).is_relative_to((tree / "allowed").resolve()), raw
+    elif loc.protocol == "postgresql":
+        url = sqlalchemy.make_url(got)
+        assert (url.host.lower(), url.port, url.password) == ("db", 5432, None), raw
     else:
         assert got.startswith(f"{loc.protocol}://") and _under_remote(got), raw
