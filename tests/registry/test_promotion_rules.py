@@ -141,13 +141,13 @@ def test_converge_settles_on_the_last_try(reg):
     assert promotion.converge(reg, ENC, SC) == "1"  # the fifth try saw no move
 
 
-def test_the_promotion_lock_serialises_and_names_the_model_on_timeout(tmp_path):
+def test_the_promotion_lock_serialises_and_names_the_model_on_timeout(tmp_path, monkeypatch):
+    monkeypatch.setenv(promotion.LOCK_DIR_ENV, str(tmp_path / "locks"))
     cfg = build_config(
         {}, {"artifacts_root": str(tmp_path), "registry.promotion_lock_timeout_s": 0.3}
     )
-    lock_file = tmp_path / "locks" / "promote" / "enc.lock"
     with promotion.promotion_lock(cfg, "enc"):
-        assert lock_file.exists()
+        assert list((tmp_path / "locks").rglob("*.lock"))  # in the deployment's lock folder
         held = pytest.raises(RegistryError, match=r"cannot promote enc: lock .* still held")
         with held, promotion.promotion_lock(cfg, "enc"):
             pytest.fail("entered a held lock")
