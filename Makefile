@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: mutation demo test soak lint format bench bench-quality bench-anomaly bench-encoding bench-service bench-scale clean
+.PHONY: mutation demo airflow test soak lint format bench bench-quality bench-anomaly bench-encoding bench-service bench-scale clean
 
 $(STAMP): pyproject.toml requirements.lock install.sh
 	VENV=$(VENV) ./install.sh
@@ -11,6 +11,11 @@ $(STAMP): pyproject.toml requirements.lock install.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/sae-pipeline demo
+
+# The DAGs in a local Airflow (standalone, SQLite under .airflow/) until Ctrl-C; it prints the
+# logins. CONFIG= and POLICY= (default: the SAE_CONFIG and SAE_DRIFT_POLICY variables), PORT= (8080).
+airflow: $(STAMP)
+	$(VENV)/bin/sae-pipeline airflow --port $(or $(PORT),8080) $(if $(CONFIG),--config $(CONFIG),) $(if $(POLICY),--policy $(POLICY),)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

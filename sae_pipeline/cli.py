@@ -43,6 +43,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_airflow(args: argparse.Namespace) -> int:
+    from sae_pipeline.demo.standalone import run_local_airflow
+
+    return run_local_airflow(
+        Path(args.workdir).resolve(), args.port, args.config, args.policy, args.timeout
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sae_pipeline.steps.training import run_training
 
@@ -201,6 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-loop", action="store_true", help="train only: skip encoding, drift and retraining"
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "airflow", help="a local Airflow (standalone) with the DAGs, your config and policy"
+    )
+    p.add_argument("--port", type=int, default=8080, help="the UI's and API's port")
+    p.add_argument(
+        "--config", default=os.environ.get("SAE_CONFIG") or None,
+        help="YAML config of the DAGs (default: $SAE_CONFIG, else the embedded digits demo)",
+    )  # fmt: skip
+    p.add_argument(
+        "--policy", default=os.environ.get("SAE_DRIFT_POLICY") or None,
+        help="drift policy YAML (default: $SAE_DRIFT_POLICY, else the built-in policy)",
+    )  # fmt: skip
+    p.add_argument("--workdir", default=".", help="where .airflow/ goes and tasks run")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the DAGs")
+    p.set_defaults(func=cmd_airflow)
 
     p = sub.add_parser("encode", help="encode a Parquet batch with the champion (no Airflow)")
     p.add_argument("--batch", required=True, nargs="+", help="Parquet file(s) or folder(s)")
