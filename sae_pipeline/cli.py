@@ -29,6 +29,11 @@ def _set_overrides(items: Sequence[str]) -> dict:
             out[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
+        if out[key.strip()] is None:  # overrides of None mean "leave it" (unset DAG params)
+            raise ConfigError(
+                f"override {item!r}: null would leave {key} as it is; "
+                "write it as null in the YAML config (or policy) instead"
+            )
     return out
 
 

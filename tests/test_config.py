@@ -178,3 +178,10 @@ def test_section_defaults_are_the_sections_own_field_defaults():
                 walk(type(field.default))
 
     walk(PipelineConfig)
+
+
+def test_a_null_override_is_refused_rather_than_ignored(capsys):
+    """``--set data.label_column=null`` would leave ``target`` silently (None means unset)."""
+    assert main(["config", "--set", "data.label_column=null"]) == 2
+    err = capsys.readouterr().err
+    assert "data.label_column" in err and "YAML config" in err and err.strip().count("\n") == 0
