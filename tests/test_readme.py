@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.ci import unavailable
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +51,8 @@ def commands(block: str) -> list[str]:
 @pytest.fixture
 def project(tmp_path):
     """A user's folder: the environment as ``.venv``, and nothing of MLflow's in the env."""
+    if shutil.which("curl") is None:
+        unavailable("curl is not installed (the README's requests use it)")
     (tmp_path / ".venv").symlink_to(VENV)
     return tmp_path
 
