@@ -16,6 +16,7 @@ with limits, batching, Arrow and metrics) in this environment; ``--plain`` (or a
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -41,7 +42,13 @@ def scoring_app(model_uri: str):
 
     os.environ.update(NO_PICKLE)  # in case this runs outside the supervisor
     name, _, version = model_uri.removeprefix("models:/").partition("/")
-    return create_app(load_model(model_uri), name=name, version=version)
+    app = create_app(load_model(model_uri), name=name, version=version)
+    # Everything loaded so far (mlflow, torch, pandas, the model) lives as long as the process:
+    # out of the collector's sight, a full collection no longer walks it (1.5 s, once every
+    # few hundred requests, on this model; under 1 ms after freezing).
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 def app_from_env():

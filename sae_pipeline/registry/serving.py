@@ -58,7 +58,7 @@ class Limits:
                 value = default if raw in (None, "") else kind(raw)
             except ValueError:
                 raise ValueError(f"{name}={raw!r} is not a number") from None
-            if value < 0 or (value == 0 and name != "SAE_SERVE_BATCH_MAX_WAIT_MS"):
+            if value < 0 or (value == 0 and not name.startswith("SAE_SERVE_BATCH")):
                 raise ValueError(f"{name}={raw!r} must be positive")
             return value
 
@@ -141,7 +141,8 @@ def create_app(model, name: str = "", version: str = "", limits: Limits | None =
     metrics = Metrics(name, version)
     bundle = _bundle_of(model)
     batcher = None
-    if bundle is not None and hasattr(bundle, "prepare"):  # bundles older than batching: no
+    # batching off (SAE_SERVE_BATCH_MAX_ROWS=0), or a bundle older than prepare/finish: none
+    if bundle is not None and hasattr(bundle, "prepare") and limits.batch_max_rows > 0:
         from sae_pipeline.registry.batching import Batcher
 
         batcher = Batcher(bundle, limits.batch_max_rows, limits.batch_max_wait_s, metrics.batch)
@@ -159,6 +160,8 @@ def create_app(model, name: str = "", version: str = "", limits: Limits | None =
     async def offload(fn, *args, size: int):
         return fn(*args) if size <= INLINE_BYTES else await asyncio.to_thread(fn, *args)
 
+    inflight = [0]  # requests between their first byte and their answer
+
     async def predict(frame, params, size: int):
         if bundle is None:
             return await asyncio.to_thread(model.predict, frame, params)
@@ -166,12 +169,13 @@ def create_app(model, name: str = "", version: str = "", limits: Limits | None =
         if batcher is None:
             return await offload(bundle.predict, frame, params, size=size)
         x, xs, index = await offload(bundle.prepare, frame, size=size)
-        return await batcher.run(x, xs, index, output)
+        return await batcher.run(x, xs, index, output, alone=lambda: inflight[0] == 1)
 
     async def invocations(request):
         t0 = time.perf_counter()
         mime = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         label, rows = KIND_LABELS.get(mime, "other"), 0
+        inflight[0] += 1
         try:
             if not mime:
                 raise RequestError(415, "Content-Type header missing: use " + _types())
@@ -194,6 +198,8 @@ def create_app(model, name: str = "", version: str = "", limits: Limits | None =
             else:
                 log.exception("serve: %s while answering a request", type(err).__name__)
                 response = error(500, f"internal error ({type(err).__name__}); see the log")
+        finally:
+            inflight[0] -= 1
         status = str(response.status_code)
         metrics.requests.labels(label, status).inc()
         metrics.rows.labels(label, status).inc(rows)

@@ -98,15 +98,16 @@ def _unnamed(cols: pd.Index) -> bool:
 
 
 def feature_matrix(frame: Any, columns: list[str]) -> np.ndarray:
-    """The feature columns of ``frame`` in training order, as a finite float64 array."""
-    frame = as_frame(frame, columns)
+    """The feature columns of ``frame`` (``as_frame``'s) in order, as a finite float64 array."""
     if frame.shape[0] == 0:
         raise bad_request("input has no rows")
-    missing = [c for c in columns if c not in frame.columns]
+    same = list(frame.columns) == columns  # the usual case: no column lookups
+    missing = [] if same else [c for c in columns if c not in frame.columns]
     if missing:
         raise bad_request(f"input lacks {len(missing)} feature column(s): {_names(missing)}")
-    sub = frame[columns]
-    odd = [c for c, t in zip(columns, sub.dtypes, strict=True) if not _plain_number(t)]
+    sub = frame if same else frame[columns]
+    plain = all(isinstance(t, np.dtype) and t.kind in "iuf" for t in sub.dtypes)  # fast check
+    odd = [] if plain else [c for c in columns if not _plain_number(sub[c].dtype)]
     if odd:  # strings (CSV/JSON cells that are not numbers), booleans, objects
         bad = []
         for col in odd:
