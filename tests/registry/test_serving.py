@@ -337,3 +337,13 @@ def urllib_open(url):
     import urllib.request
 
     return urllib.request.urlopen(url, timeout=10)
+
+
+def test_batching_can_be_turned_off_and_answers_the_same(served, rows):
+    limits = serving.Limits.from_env({"SAE_SERVE_BATCH_MAX_ROWS": "0"})
+    app = client(serving.create_app(served, "enc", "7", limits))
+    r = app.post("/invocations", content=split(rows), headers={"Content-Type": "application/json"})
+    assert r.status_code == 200
+    got = pd.DataFrame(r.json()["predictions"]).to_numpy()
+    np.testing.assert_array_equal(got, served.predict(rows).to_numpy().astype(np.float64))
+    assert metric(app.get("/metrics").text, "sae_serve_batch_requests_count") == 0
