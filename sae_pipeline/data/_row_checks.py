@@ -138,6 +138,12 @@ def parse_numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         num = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     except (TypeError, ValueError, OverflowError):
         num = np.array([_to_float(v) for v in values], dtype=np.float64)
+    # pandas parses text to the nearest float or not, depending on the rest of the column
+    # ("-9223372036854775808" among numbers only, or next to a word): each number written as
+    # text is parsed on its own, so a value does not depend on its chunk.
+    text = np.array([isinstance(v, str) for v in values], dtype=bool) & ~np.isnan(num)
+    if text.any():
+        num[text] = [_to_float(v) for v in values.to_numpy()[text]]
     given = values.notna().to_numpy()
     na_text = np.array(
         [isinstance(v, str) and v.strip().lower() in _NA_TEXT for v in values], dtype=bool

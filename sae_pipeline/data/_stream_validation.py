@@ -213,6 +213,14 @@ class StreamValidator:
         first_seen = {values.iloc[i]: int(f) for i, f in pairs}
         return RowProblem("duplicate_id", ident, "id", repeated, values, "", first_seen)
 
+    def _order(self, tally: _Tally) -> tuple[int, int, int]:
+        """validate_batch's order: each feature's problems, then label, id, repeated ids."""
+        p, features = tally.first, self.contract.feature_columns
+        kinds = ("non_numeric", "missing", "infinite", "out_of_range", "duplicate_id")
+        if p.role == "column":
+            return (0, features.index(p.column), kinds.index(p.kind))
+        return ({"label": 1, "id": 2}[p.role] + (p.kind == "duplicate_id"), 0, 0)
+
     def finish(self) -> dict[str, Any]:
         """Checks over every row; the batch's contract, counts, problems and warnings."""
         if not self.started:
@@ -222,7 +230,8 @@ class StreamValidator:
             if not seen:
                 example = self.no_number_example.get(col)
                 raise no_number_error(col, n, col in self.no_number_example, example)
-        tallies = list(self.tallies.values())
+        # In the order validate_batch finds them (not the order chunks showed them in).
+        tallies = sorted(self.tallies.values(), key=self._order)
         ceiling = self.policy.max_quarantine_fraction
         if self.rows_bad == n or self.rows_bad / n > ceiling:
             raise DataError(_too_many_message(tallies, self.rows_bad, n, ceiling))

@@ -21,6 +21,7 @@ from sae_pipeline.boundary import SQL_SCHEMES
 from sae_pipeline.config import DataConfig, mask_credentials
 from sae_pipeline.data._exact import numpy_unless_nullable, table_to_frame
 from sae_pipeline.data._paths import data_files
+from sae_pipeline.data._schema import arrow_schema, cast_frame, common_dtypes, file_dtypes
 from sae_pipeline.errors import DataError
 
 SKLEARN_DATASETS = ("digits", "breast_cancer", "wine")
@@ -138,8 +139,19 @@ def read_csv(source: str, id_column: str | None = None) -> pd.DataFrame:
     try:
         # low_memory=False: one pass over the whole file, so that a column's type does not
         # depend on where chunks happen to end.
-        dtype = {id_column: str} if id_column else None
-        return pd.read_csv(io.StringIO(text), low_memory=False, dtype=dtype)
+        dtype = {id_column: str} if id_column else {}
+        frame = pd.read_csv(io.StringIO(text), low_memory=False, dtype=dtype or None)
+        # A column pandas infers as float64 (numbers with a blank) is read again as float64:
+        # inferred, an integer -2**63 next to a blank becomes NaN (pandas' integer null
+        # marker); read as float64, it is -9.223372036854776e18, as the streamed reader has it.
+        floats = {
+            c: "float64"
+            for c in frame.columns
+            if frame[c].dtype == np.float64 and c not in dtype and frame[c].isna().any()
+        }
+        if floats:
+            frame = pd.read_csv(io.StringIO(text), low_memory=False, dtype={**dtype, **floats})
+        return frame
     except pd.errors.EmptyDataError:
         raise DataError(f"CSV {source} is empty (no header)") from None
     except (pd.errors.ParserError, ValueError) as err:
@@ -149,7 +161,8 @@ def read_csv(source: str, id_column: str | None = None) -> pd.DataFrame:
 
 # ---- Parquet ----------------------------------------------------------------------------------
 def read_parquet(source: str) -> pd.DataFrame:
-    """One Parquet file, or a folder of shards (read in name order, same columns required)."""
+    """One Parquet file, or a folder of shards (read in name order, same columns required),
+    each shard cast to the folder's one schema (``_schema``) before they are joined."""
     fs, path = _fs(source)
     if not _exists(fs, path):
         raise DataError(f"data source not found: {source}")
@@ -168,6 +181,11 @@ def read_parquet(source: str) -> pd.DataFrame:
                 f"{_short(frames[0].columns)}"
             )
         frames.append(frame)
+    dtypes = common_dtypes([dict(f.dtypes.items()) for f in frames])
+    frames = [
+        cast_frame(f, dtypes, f"Parquet shard {_rel(s, path)} of {source}")
+        for f, s in zip(frames, shards, strict=True)
+    ]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -217,18 +235,28 @@ class ParquetStream:
             self.labels = [f"{source} (shard {_rel(f, root)})" for f in self.files]
         else:
             self.files, self.labels = [root], [source]
-        self.rows, self.columns = 0, None
+        self.rows, names = 0, None
+        self.file_rows: list[int] = []
+        self.stamps: list[Any] = []
+        per_file = []
         for f, label in zip(self.files, self.labels, strict=True):
             with self._open(f, label) as pf:
-                names = check_unique_names(pf.schema_arrow.names, f"Parquet file {label}")
-                if self.columns is not None and names != self.columns:
+                found = check_unique_names(pf.schema_arrow.names, f"Parquet file {label}")
+                if names is not None and found != names:
                     raise DataError(
                         f"Parquet shard {_rel(f, root)} of {source} has columns "
-                        f"{_short(names)}, but shard {_rel(self.files[0], root)} has "
-                        f"{_short(self.columns)}"
+                        f"{_short(found)}, but shard {_rel(self.files[0], root)} has "
+                        f"{_short(names)}"
                     )
-                self.columns = names
+                names = found
+                per_file.append(file_dtypes(pf))
+                self.file_rows.append(pf.metadata.num_rows)
                 self.rows += pf.metadata.num_rows
+            self.stamps.append(_stamp(self.fs, f))
+        # The source's one schema: every chunk is cast to it (see _schema).
+        self.dtypes = common_dtypes(per_file)
+        self.columns = list(self.dtypes)
+        self.schema = arrow_schema(self.dtypes)
 
     @property
     def nbytes(self) -> int:
@@ -253,10 +281,17 @@ class ParquetStream:
 
     def chunks(self) -> Iterator[tuple[Any, pd.DataFrame]]:
         """(Arrow table, frame) of each chunk: the frame as ``read_parquet`` would read those
-        rows (nullable integers exact, decimals as float64, a named index as a column)."""
+        rows (nullable integers exact, decimals as float64, a named index as a column, the
+        source's one schema), the table as that frame is stored. Each file's rows are
+        counted: a file that changed since the stream was opened fails, naming the file."""
         import pyarrow as pa
 
-        for f, label in zip(self.files, self.labels, strict=True):
+        for f, label, expected, stamp in zip(
+            self.files, self.labels, self.file_rows, self.stamps, strict=True
+        ):
+            if _stamp(self.fs, f) != stamp:
+                raise DataError(f"Parquet file {label} changed after it was opened; read it again")
+            seen = 0
             with self._open(f, label) as pf:
                 # One row group at a time: across groups, Arrow reads the next ones ahead and
                 # memory grows with the file; within one it is bounded by the group's size.
@@ -275,11 +310,28 @@ class ParquetStream:
                         ) from None
                     if rb is None:
                         break
+                    seen += rb.num_rows
                     table = pa.Table.from_batches([rb])
-                    frame = table_to_frame(table)
-                    if isinstance(frame.index, pd.MultiIndex) or frame.index.name is not None:
-                        frame = frame.reset_index()
-                    yield table, frame.reset_index(drop=True)
+                    yield self._cast(table, label)
+            if seen != expected:
+                raise DataError(
+                    f"Parquet file {label} changed while it was read ({expected} rows when "
+                    f"opened, {seen} read)"
+                )
+
+    def _cast(self, table, label: str) -> tuple[Any, pd.DataFrame]:
+        import pyarrow as pa
+
+        frame = table_to_frame(table)
+        reindexed = isinstance(frame.index, pd.MultiIndex) or frame.index.name is not None
+        if reindexed:
+            frame = frame.reset_index()
+        frame = frame.reset_index(drop=True)
+        cast = cast_frame(frame, self.dtypes, label)
+        if cast is frame and not reindexed and table.column_names == self.columns:
+            return table, frame
+        frame = cast
+        return pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False), frame
 
 
 # ---- SQL --------------------------------------------------------------------------------------
@@ -340,6 +392,17 @@ def _exists(fs, path: str) -> bool:
         return bool(fs.exists(path))
     except OSError:
         return False
+
+
+def _stamp(fs, path: str) -> tuple:
+    """What changes when a file is rewritten: its size, modification time and, on object
+    stores, its ETag or checksum."""
+    try:
+        info = fs.info(path)
+    except OSError:
+        return (None,)
+    keys = ("size", "mtime", "LastModified", "last_modified", "ETag", "etag", "md5Hash", "crc32c")
+    return tuple(str(info.get(k)) for k in keys)
 
 
 def _is_dir(source: str) -> bool:

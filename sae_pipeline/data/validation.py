@@ -254,8 +254,23 @@ def _accepted(
         ):
             out[col] = numeric[col][keep]
         else:
-            out[col] = values.array[keep]  # the column's own type: nullable ids stay exact
+            out[col] = _plain(values.array[keep])
     return pd.DataFrame(out)
+
+
+def _plain(values: Any) -> Any:
+    """Accepted values in one type whichever chunk or path they came in: a nullable column
+    (integers with a null somewhere in the batch) without a null among the accepted rows in
+    its NumPy type, as a column that never had one; booleans with a null as float64, as pandas
+    reads them from a CSV (objects, parsed as numbers); otherwise its own type (exact ids)."""
+    dtype = values.dtype
+    if isinstance(dtype, pd.BooleanDtype) and not values.isna().any():
+        return values.to_numpy(dtype=np.float64)
+    if isinstance(dtype, pd.api.extensions.ExtensionDtype) and not values.isna().any():
+        numpy_dtype = getattr(dtype, "numpy_dtype", None)
+        if numpy_dtype is not None and numpy_dtype != np.dtype(object):
+            return values.to_numpy(dtype=numpy_dtype)
+    return values
 
 
 def _recorded(accepted: pd.DataFrame, contract: Contract) -> Contract:
