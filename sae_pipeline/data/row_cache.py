@@ -3,18 +3,19 @@
 The snapshot is columnar Parquet and holds every part's rows; a streamed training run reads
 its training part many times (each layer, each epoch). Read from the snapshot, every epoch
 decodes the Parquet pages, transposes the columns into rows and drops the validation and test
-rows it read. ``write`` stores the part once, unscaled, as raw float32 files of about
-``file_rows`` rows each (row-major, native byte order) plus an ``index.json`` naming them and
-their row counts; ``RowCache.read_into`` then reads a file straight into the shuffling
-buffer's rows, one ``readinto`` with no decoding and no transpose.
+rows it read. ``write`` stores the part once, scaled (in float64, by the fitted scaler, then
+rounded to float32: what serving computes), as raw float32 files of about ``file_rows`` rows
+each (row-major, native byte order) plus an ``index.json`` naming them and their row counts;
+``RowCache.read_into`` then reads a file straight into the shuffling buffer's rows, one
+``readinto`` with no decoding, no transpose and no scaling.
 
-    cache = row_cache.write(out_dir, chunks, features)   # fit_scaler, once per run
-    cache = row_cache.RowCache.open(out_dir)              # each layer task
+    cache = row_cache.write(out_dir, chunks, features, scaler=scaler)  # fit_scaler, once
+    cache = row_cache.RowCache.open(out_dir)                            # each layer task
     for name, start, rows in cache.slices_in_order(order_seed, 16_384): ...
 
 The files are written to a staging folder and moved into place together; ``index.json`` is
-written last, so a reader finds a complete cache or none (a killed writer leaves only a
-staging folder, which the next attempt replaces).
+written last and names the files of the cache, so a reader finds a complete cache or none. A
+new attempt first removes what a killed one left: its staging folders, its files and index.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class RowCache:
     uri: str
     features: int
     files: tuple[tuple[str, int], ...]
+    scaled: bool = False  # rows scaled when written (older caches hold them unscaled)
 
     @property
     def rows(self) -> int:
@@ -56,7 +58,7 @@ class RowCache:
         if index.get("format") != FORMAT or index.get("byteorder") != sys.byteorder:
             return None
         files = tuple((f["name"], int(f["rows"])) for f in index["files"])
-        return cls(uri, int(index["features"]), files)
+        return cls(uri, int(index["features"]), files, bool(index.get("scaled", False)))
 
     def slices_in_order(self, order_seed: int, slice_rows: int) -> list[tuple[str, int, int]]:
         """(file, first row, rows) of every ``slice_rows``-row slice of every file, in a seeded
@@ -102,11 +104,19 @@ class RowCache:
 
 
 def write(
-    out_dir: str, chunks: Iterable[np.ndarray], features: int, file_rows: int = 65_536
+    out_dir: str,
+    chunks: Iterable[np.ndarray],
+    features: int,
+    file_rows: int = 65_536,
+    *,
+    scaler=None,
 ) -> RowCache:
-    """Store ``chunks`` (float32 rows, any sizes) as files of ``file_rows`` rows (the last
-    shorter) under ``out_dir``; replace whatever a killed attempt left there."""
-    storage.remove(storage.join(out_dir, INDEX))
+    """Store ``chunks`` (float64 rows, any sizes), scaled by ``scaler`` when given (in float64,
+    then float32), as files of ``file_rows`` rows (the last shorter) under ``out_dir``;
+    remove first whatever a killed attempt left there."""
+    from sae_pipeline.data.scaling import apply_scaler
+
+    _clear(out_dir)
     stage = storage.new_stage(out_dir)
     buf = np.empty((file_rows, features), dtype=np.float32)
     held, files, names = 0, [], {}
@@ -122,7 +132,8 @@ def write(
 
     try:
         for x in chunks:
-            x = np.asarray(x, dtype=np.float32).reshape(-1, features)
+            x = np.asarray(x).reshape(-1, features)
+            x = apply_scaler(scaler, x) if scaler is not None else x.astype(np.float32)
             start = 0
             while start < len(x):
                 n = min(file_rows - held, len(x) - start)
@@ -136,11 +147,36 @@ def write(
     except BaseException:
         storage.remove(stage)
         raise
-    index = {"format": FORMAT, "byteorder": sys.byteorder, "features": features, "files": files}
+    index = {
+        "format": FORMAT,
+        "byteorder": sys.byteorder,
+        "features": features,
+        "scaled": scaler is not None,
+        "files": files,
+    }
     storage.write_json(storage.join(out_dir, INDEX), index)
-    cache = RowCache(out_dir, features, tuple((f["name"], f["rows"]) for f in files))
+    cache = RowCache(
+        out_dir, features, tuple((f["name"], f["rows"]) for f in files), scaler is not None
+    )
     log.info(
         "row cache: %d rows x %d features in %d files under %s",
         cache.rows, features, len(files), out_dir,
     )  # fmt: skip
     return cache
+
+
+def _clear(out_dir: str) -> None:
+    """Remove an earlier attempt's cache: its index first (no reader takes the folder for a
+    cache from then on), its staging folders, and its row files."""
+    storage.remove(storage.join(out_dir, INDEX))
+    storage.remove_stages(out_dir)
+    if storage.is_local(out_dir):
+        folder = storage.local_path(out_dir)
+        for f in sorted(folder.glob("rows-*.f32")) if folder.is_dir() else []:
+            f.unlink(missing_ok=True)
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(out_dir)
+    for f in fs.glob(storage.join(path, "rows-*.f32")):
+        fs.rm(f)

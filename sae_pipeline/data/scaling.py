@@ -133,10 +133,12 @@ ROBUST_SAMPLE_ROWS = 200_000
 
 
 def fit_scaler_stream(kind: str, chunks, sample=None) -> TransformerMixin:
-    """A scaler fitted on chunks of the training part without holding them all.
+    """A scaler fitted on chunks of the training part (float64) without holding them all.
 
-    standard and minmax: ``partial_fit`` chunk by chunk (the same statistics as ``fit`` on all
-    rows, up to float rounding). robust: quantiles need every row, so it is fitted on
+    standard: means and variances combined chunk by chunk (``_Moments``: each chunk's own,
+    merged by Chan's rule), which keeps the precision of ``fit`` on all rows for data far from
+    zero (a timestamp of 1.7e9 with a spread of 1), where ``partial_fit``'s running sums lose
+    it. minmax: ``partial_fit`` (exact). robust: quantiles need every row, so it is fitted on
     ``sample()``, a fixed-size seeded sample of the training part (``ROBUST_SAMPLE_ROWS``
     rows): its median and IQR are estimates, within about 1% of a quantile's spread.
     none: fitted on the first chunk (it only records the number of features).
@@ -144,14 +146,54 @@ def fit_scaler_stream(kind: str, chunks, sample=None) -> TransformerMixin:
     scaler = make_scaler(kind)
     if kind == "robust":
         return scaler.fit(np.asarray(sample(), dtype=np.float64))
+    moments = _Moments()
     for x in chunks:
         x = np.asarray(x, dtype=np.float64)
         if kind == "none":
             return scaler.fit(x)
-        scaler.partial_fit(x)
+        if kind == "standard":
+            moments.add(x)
+        else:
+            scaler.partial_fit(x)
+    if kind == "standard" and moments.n:
+        return moments.scaler()
     if not hasattr(scaler, "n_features_in_"):
         raise ValueError("the training part has no rows: nothing to fit the scaler on")
     return scaler
+
+
+class _Moments:
+    """Row count, mean and sum of squared deviations per column, merged chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: np.ndarray) -> None:
+        if not len(x):
+            return
+        mean = x.mean(axis=0)
+        m2 = ((x - mean) ** 2).sum(axis=0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = len(x), mean, m2
+            return
+        n = self.n + len(x)
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (len(x) / n)
+        self.m2 = self.m2 + m2 + delta**2 * (self.n * len(x) / n)
+        self.n = n
+
+    def scaler(self) -> StandardScaler:
+        """A fitted StandardScaler of these moments (constant columns scaled by 1, as
+        scikit-learn decides them)."""
+        var = self.m2 / self.n
+        eps = np.finfo(np.float64).eps
+        constant = var <= self.n * eps * var + (self.n * self.mean * eps) ** 2
+        scale = np.sqrt(var)
+        scale[constant] = 1.0
+        scaler = StandardScaler()
+        scaler.mean_, scaler.var_, scaler.scale_ = self.mean, var, scale
+        scaler.n_samples_seen_, scaler.n_features_in_ = self.n, len(self.mean)
+        return scaler
 
 
 def affine(scaler: TransformerMixin, n_features: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,8 +2,10 @@
 
 ``ShardStream.epoch`` reads the part's chunks in a seeded order (one per epoch): slices of
 ``slice_rows`` rows of its row cache's files (``data.row_cache``, row-major float32, what
-``fit_scaler`` writes) or, without one, the snapshot's row groups. It scales each chunk on the
-fly (the scaler's per-column affine map, in float32), fills a shuffling buffer of
+``fit_scaler`` writes, scaled) or, without one, the snapshot's row groups, which it scales
+chunk by chunk as serving does (``scaler``: in float64, then rounded to float32; ``mult`` and
+``add``, a per-column affine map in float32, when no scaler is given). It fills a shuffling
+buffer of
 ``buffer_rows`` rows (several chunks; an epoch's first buffers are smaller, doubling up to
 it, so that training starts early),
 permutes it and cuts it into batches; the rows a buffer leaves over (fewer than a batch) start
@@ -35,6 +37,13 @@ import torch
 from sae_pipeline.data import parts
 from sae_pipeline.data.batches import prefetch
 from sae_pipeline.data.row_cache import RowCache
+from sae_pipeline.data.scaling import apply_scaler
+
+
+def _scaled(rb, columns: Sequence[str], scaler) -> torch.Tensor:
+    """(rows, features) float32: the chunk scaled in float64 (one vectorised pass per chunk,
+    the serving transform), then rounded."""
+    return torch.from_numpy(apply_scaler(scaler, parts.features(rb, columns)))
 
 
 def _transposed(rb, columns: Sequence[str]) -> torch.Tensor:
@@ -94,10 +103,14 @@ class ShardStream:
         readahead: int = 2,
         cache: RowCache | None = None,
         readers: int | None = None,
+        scaler: Any = None,
     ):
         self.plan, self.columns, self.split, self.part = plan, list(columns), split, part
         self.rows, self.mult, self.add = rows, mult, add
         self.cache = cache  # the part's rows as row-major files (``data.row_cache``), if any
+        self.scaler = scaler  # scales the snapshot's chunks in float64 (serving's transform)
+        # mult/add (float32) only where the rows come unscaled and no scaler is given.
+        self.affine = not (cache.scaled if cache is not None else scaler is not None)
         self.batch = min(batch_size, rows)
         self.seed, self.device = seed, device
         self.buffer_rows = max(buffer_rows, self.batch)
@@ -128,7 +141,10 @@ class ShardStream:
             self.plan, self.columns, self.split, self.part, self.chunk_rows, order_seed
         )
         for rb, keep in batches:
-            x = _transposed(rb, self.columns)  # (chunk, features), a transposed view
+            if self.scaler is not None:
+                x = _scaled(rb, self.columns, self.scaler)  # (chunk, features)
+            else:
+                x = _transposed(rb, self.columns)  # (chunk, features), a transposed view
             if keep is None:
                 yield len(x), lambda out, x=x: out.copy_(x)
             else:
@@ -158,7 +174,8 @@ class ShardStream:
 
         def load(rows: torch.Tensor, fill) -> None:
             fill(rows)
-            rows.mul_(mult).add_(add)
+            if self.affine:
+                rows.mul_(mult).add_(add)
 
         for n, fill in self._sources(order_seed):
             rows = stage[held : held + n]

@@ -206,15 +206,16 @@ def _scaled(ctx: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 def fit_scaler(ctx: dict[str, Any]) -> dict[str, Any]:
     """Fit the scaler on the training part only; in memory, store the scaled parts with it.
 
-    Streamed: the training part is stored once as a row cache (``data.row_cache``, unless
-    ``training.row_cache`` is off), the scaler is fitted by ``partial_fit`` over its chunks
-    (robust: on a fixed-size seeded sample), and nothing scaled is stored: training scales
-    each batch on the fly.
+    Streamed: the scaler is fitted by ``partial_fit`` over the training part's float64
+    chunks (robust: on a fixed-size seeded sample), then the part is stored once, scaled, as
+    a row cache (``data.row_cache``, unless ``training.row_cache`` is off; without one,
+    training scales each chunk on the fly the same way).
     """
     from sae_pipeline.data.scaling import (
         ROBUST_SAMPLE_ROWS,
         apply_scaler,
         fit_scaler_stream,
+        from_state,
         to_state,
     )
     from sae_pipeline.data.scaling import fit_scaler as fit
@@ -225,14 +226,16 @@ def fit_scaler(ctx: dict[str, Any]) -> dict[str, Any]:
     scaler_uri, scaled_uri = _uri(ctx, "scaler", "scaler.json"), _uri(ctx, "scaler", "scaled.npz")
     mode = ts.plan(ctx)["mode"]
     if mode == ts.STREAM:
-        cache = ts.train_cache(ctx, cfg)  # written here, once: one pass over the snapshot
-        if not storage.exists(scaler_uri):
+        if storage.exists(scaler_uri):
+            scaler = from_state(storage.read_json(scaler_uri))
+        else:
             scaler = fit_scaler_stream(
                 cfg.scaler.kind,
-                cache.iter_chunks() if cache else ts.part_chunks(ctx, "train"),
+                ts.part_chunks(ctx, "train"),
                 lambda: ts.sample(ctx, "train", ROBUST_SAMPLE_ROWS, cfg.split.seed, False)[0],
             )
             storage.write_json(scaler_uri, to_state(scaler))
+        ts.train_cache(ctx, cfg, scaler)  # written here, once, scaled: a second pass
         return {"scaler": scaler_uri, "scaled": None, "kind": cfg.scaler.kind, "mode": mode}
     if not storage.exists(scaled_uri):
         data = _dataset(ctx)

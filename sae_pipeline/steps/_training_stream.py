@@ -3,9 +3,10 @@
 ``split`` decides once per run, by size (rows x features x 4 bytes against
 ``training.in_memory_max_bytes``), and records the decision in ``split/plan.json``; every later
 step reads it from there, so all of them agree. Streamed, the split is ``parts.HashSplit`` (a
-hash of the row position); ``fit_scaler`` stores the training part once as row-major float32
-files and fits the scaler chunk by chunk; training reads shuffled batches from those files
-(or from the snapshot's shards with ``training.row_cache: false``; ``engine.streaming``); and
+hash of the row position); ``fit_scaler`` fits the scaler chunk by chunk on the float64 rows
+and stores the training part once, scaled (float64, then float32), as row-major float32 files;
+training reads shuffled batches from those files (or from the snapshot's shards, scaled chunk
+by chunk the same way, with ``training.row_cache: false``; ``engine.streaming``); and
 the steps that measure (evaluation, probes, the gate, registration's example) use fixed-size
 seeded samples of the parts they need (``evaluation.sample_rows`` rows of train and of test;
 ``training.val_sample_rows`` of validation for early stopping).
@@ -52,7 +53,7 @@ def _snapshot(ctx: dict[str, Any]):
 
 
 def part_chunks(ctx: dict[str, Any], part: str):
-    """Unscaled float32 chunks of one part, in snapshot order."""
+    """Unscaled float64 chunks of one part, in snapshot order."""
     from sae_pipeline.data import parts
 
     units, contract, split = _snapshot(ctx)
@@ -60,7 +61,7 @@ def part_chunks(ctx: dict[str, Any], part: str):
 
 
 def sample(ctx: dict[str, Any], part: str, n: int, seed: int, labels: bool = True):
-    """(float32 features, labels or None) of a fixed-size seeded sample of one part."""
+    """(float64 features, labels or None) of a fixed-size seeded sample of one part."""
     from sae_pipeline.data import parts
 
     units, contract, split = _snapshot(ctx)
@@ -91,24 +92,25 @@ def dataset(ctx: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
     return data
 
 
-def train_cache(ctx: dict[str, Any], cfg: PipelineConfig, write: bool = True):
-    """The training part's row cache (``data.row_cache``): written on first use when
-    ``training.row_cache`` is on and ``write``; None when off or (``write`` False) absent."""
+def train_cache(ctx: dict[str, Any], cfg: PipelineConfig, scaler=None):
+    """The training part's row cache (``data.row_cache``), scaled by ``scaler``: written on
+    first use when ``training.row_cache`` is on and a scaler is given; None when off or (no
+    scaler) absent."""
     from sae_pipeline.data import row_cache
 
     if not cfg.training.row_cache:
         return None
     uri = _uri(ctx, "scaler", "train_rows")
     cache = row_cache.RowCache.open(uri)
-    if cache is None and write:
+    if cache is None and scaler is not None:
         features = len(_snapshot(ctx)[1]["feature_columns"])
-        cache = row_cache.write(uri, part_chunks(ctx, "train"), features)
+        cache = row_cache.write(uri, part_chunks(ctx, "train"), features, scaler=scaler)
     return cache
 
 
 def train_stream(ctx: dict[str, Any], cfg: PipelineConfig, batch_size: int, seed: int, device):
     """(``ShardStream`` of the training part, scaled validation sample as a tensor)."""
-    from sae_pipeline.data.scaling import affine, from_state
+    from sae_pipeline.data.scaling import affine, apply_scaler, from_state
     from sae_pipeline.engine import trainer
     from sae_pipeline.engine.streaming import ShardStream
 
@@ -128,7 +130,8 @@ def train_stream(ctx: dict[str, Any], cfg: PipelineConfig, batch_size: int, seed
         seed,
         device,
         buffer_rows=cfg.training.shuffle_buffer_rows,
-        cache=train_cache(ctx, cfg, write=False),
+        cache=train_cache(ctx, cfg),
+        scaler=scaler,
     )
     x_val, _ = sample(ctx, "val", cfg.training.val_sample_rows, cfg.split.seed, labels=False)
-    return stream, trainer.as_tensor(x_val * mult + add, device)
+    return stream, trainer.as_tensor(apply_scaler(scaler, x_val), device)

@@ -39,6 +39,7 @@ class Source:
     label_column: str | None = None
     chunk_rows: int = 3
     shard_rows: int = 5
+    scaler: str = "standard"
 
     def write(self, folder: Path) -> str:
         if self.fmt == "csv":
@@ -159,6 +160,7 @@ def sources(draw) -> Source:
         label_column="target" if label else None,
         chunk_rows=draw(st.integers(1, 5)),
         shard_rows=draw(st.integers(1, 7)),
+        scaler=draw(st.sampled_from(["standard", "minmax", "robust", "none"])),
     )
 
 

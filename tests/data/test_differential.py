@@ -4,6 +4,7 @@ rows (within float32 rounding). The defects of issue 28 are fixed examples here.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -67,12 +68,12 @@ def check(src: Source) -> None:
         frame = assert_same_snapshot(folder, "memory", "stream")
         assert_same_snapshot(folder, "memory", "raw_streamed")
         features = out["memory"]["contract"]["feature_columns"]
-        # assert_same_split(folder, frame, features, src.chunk_rows)
-        scaled_rows_both(folder / "stream", frame, features, src.chunk_rows)
+        assert_same_split(folder, frame, features, src.chunk_rows)
+        scaled_rows_both(folder / "stream", frame, features, src.chunk_rows, src.scaler)
 
 
 @settings(
-    max_examples=400,
+    max_examples=int(os.environ.get("DIFF_EXAMPLES", 400)),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=True,

@@ -58,7 +58,7 @@ def test_sample_part_is_fixed_size_seeded_and_inside_the_part(shards):
     split = parts.HashSplit(0, 0.2, 0.2)
     x, cols = parts.sample_part(shards, COLUMNS, split, "test", 150, seed=1, extra=["i"])
     x2, cols2 = parts.sample_part(shards, COLUMNS, split, "test", 150, seed=1, extra=["i"])
-    assert x.shape == (150, 5) and x.dtype == np.float32
+    assert x.shape == (150, 5) and x.dtype == np.float64  # full precision until scaled
     np.testing.assert_array_equal(cols["i"], cols2["i"])
     np.testing.assert_array_equal(x, x2)
     assert split.mask("test", 0, 3000)[cols["i"]].all()

@@ -75,16 +75,19 @@ def test_a_fully_streamed_run_registers_and_its_successor_meets_the_gate(tmp_pat
     }
     first = steps.run_training("s1", None, {**base, "data.source": str(tmp_path / "a.parquet")})
     assert first["split"]["mode"] == "stream" and first["promote"]["promoted"]
-    # fit_scaler stored the training part once as a row cache, row for row the part's rows
+    # fit_scaler stored the training part once as a row cache, row for row the part's rows,
+    # scaled as serving scales them (float64, then float32)
     from sae_pipeline.data import row_cache
+    from sae_pipeline.data.scaling import apply_scaler, from_state
     from sae_pipeline.steps import _training_stream as ts
 
     ctx = first["context"]
     cache = row_cache.RowCache.open(storage.join(ctx["run_dir"], "scaler", "train_rows"))
-    assert cache is not None and cache.rows == first["split"]["rows_train"]
+    assert cache is not None and cache.rows == first["split"]["rows_train"] and cache.scaled
+    scaler = from_state(storage.read_json(storage.join(ctx["run_dir"], "scaler", "scaler.json")))
     np.testing.assert_array_equal(
         np.concatenate(list(cache.iter_chunks())),
-        np.concatenate(list(ts.part_chunks(ctx, "train"))),
+        apply_scaler(scaler, np.concatenate(list(ts.part_chunks(ctx, "train")))),
     )
     second = steps.run_training("s2", None, {**base, "data.source": str(tmp_path / "b.parquet")})
     from sae_pipeline.config import build_config
