@@ -24,3 +24,14 @@ def data_files(fs, root: str, suffixes: Sequence[str]) -> list[str]:
         for p in fs.find(root)
         if p.endswith(tuple(suffixes)) and not is_hidden(p.removeprefix(base))
     )
+
+
+def file_stamp(fs, path: str) -> tuple:
+    """What changes when a file is rewritten: its size, modification time and, on object
+    stores, its ETag or checksum."""
+    try:
+        info = fs.info(path)
+    except OSError:
+        return (None,)
+    keys = ("size", "mtime", "LastModified", "last_modified", "ETag", "etag", "md5Hash", "crc32c")
+    return tuple(str(info.get(k)) for k in keys)

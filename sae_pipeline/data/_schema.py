@@ -119,4 +119,3 @@ def arrow_schema(dtypes: Dtypes):
             empty = pd.Series([], dtype=dtype)
             fields.append(pa.field(name, pa.array(empty, from_pandas=True).type))
     return pa.schema(fields)
-

@@ -291,9 +291,10 @@ def prefetch(
             yield item
     finally:
         stop.set()
-        while thread.is_alive():
+        while thread.is_alive():  # drain, so that a put waiting for room returns
             with contextlib.suppress(queue.Empty):
-                q.get(timeout=0.1)
+                q.get_nowait()
+            thread.join(timeout=0.005)  # not a 0.1 s wait on an empty queue at each end
         thread.join()
     if errors:
         raise errors[0]

@@ -8,8 +8,9 @@ disjoint and cover every row by construction. Their sizes are binomial around th
 (not exact), and there is no stratification by label: that stays on the in-memory path
 (``contract.split_indices``), which small data keeps using.
 
-``iter_part`` streams one part's features as float64 chunks (full precision until scaled) (row groups in a seeded order per
-epoch, so that a shuffling buffer downstream mixes rows from across the snapshot);
+``iter_part`` streams one part's features as float64 chunks, full precision until scaled (row
+groups in a seeded order per epoch, so that a shuffling buffer downstream mixes rows from
+across the snapshot);
 ``sample_part`` keeps a fixed-size, seeded sample of one part (the rows of smallest second
 hash: a uniform sample without replacement, the same at every call), for the evaluation,
 probes and references whose cost must not grow with the data.

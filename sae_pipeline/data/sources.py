@@ -20,7 +20,7 @@ import pandas as pd
 from sae_pipeline.boundary import SQL_SCHEMES
 from sae_pipeline.config import DataConfig, mask_credentials
 from sae_pipeline.data._exact import numpy_unless_nullable, table_to_frame
-from sae_pipeline.data._paths import data_files
+from sae_pipeline.data._paths import data_files, file_stamp
 from sae_pipeline.data._schema import arrow_schema, cast_frame, common_dtypes, file_dtypes
 from sae_pipeline.errors import DataError
 
@@ -252,7 +252,7 @@ class ParquetStream:
                 per_file.append(file_dtypes(pf))
                 self.file_rows.append(pf.metadata.num_rows)
                 self.rows += pf.metadata.num_rows
-            self.stamps.append(_stamp(self.fs, f))
+            self.stamps.append(file_stamp(self.fs, f))
         # The source's one schema: every chunk is cast to it (see _schema).
         self.dtypes = common_dtypes(per_file)
         self.columns = list(self.dtypes)
@@ -289,7 +289,7 @@ class ParquetStream:
         for f, label, expected, stamp in zip(
             self.files, self.labels, self.file_rows, self.stamps, strict=True
         ):
-            if _stamp(self.fs, f) != stamp:
+            if file_stamp(self.fs, f) != stamp:
                 raise DataError(f"Parquet file {label} changed after it was opened; read it again")
             seen = 0
             with self._open(f, label) as pf:
@@ -392,17 +392,6 @@ def _exists(fs, path: str) -> bool:
         return bool(fs.exists(path))
     except OSError:
         return False
-
-
-def _stamp(fs, path: str) -> tuple:
-    """What changes when a file is rewritten: its size, modification time and, on object
-    stores, its ETag or checksum."""
-    try:
-        info = fs.info(path)
-    except OSError:
-        return (None,)
-    keys = ("size", "mtime", "LastModified", "last_modified", "ETag", "etag", "md5Hash", "crc32c")
-    return tuple(str(info.get(k)) for k in keys)
 
 
 def _is_dir(source: str) -> bool:

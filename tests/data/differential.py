@@ -40,6 +40,7 @@ class Source:
     chunk_rows: int = 3
     shard_rows: int = 5
     scaler: str = "standard"
+    via_raw: bool = True  # also through the training run's raw copy
 
     def write(self, folder: Path) -> str:
         if self.fmt == "csv":
@@ -105,7 +106,9 @@ def _ids(rng, kind: str, n: int, start: int, nulls: float) -> pd.Series:
         return pd.Series(values if null.any() else base)
     if kind == "float":
         return pd.Series(np.where(null, np.nan, base.astype(np.float64)))
-    return pd.Series([None if z else f"{v:05d}" for v, z in zip(base, null, strict=True)], dtype=object)
+    return pd.Series(
+        [None if z else f"{v:05d}" for v, z in zip(base, null, strict=True)], dtype=object
+    )
 
 
 @st.composite
@@ -117,14 +120,16 @@ def sources(draw) -> Source:
     n_features = draw(st.integers(1, 3))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    kinds = NUMERIC_KINDS + ["bool"]
+    kinds = [*NUMERIC_KINDS, "bool"]
     feature_kinds = [
         [draw(st.sampled_from(kinds)) for _ in range(n_files)]
         if draw(st.booleans())
         else [draw(st.sampled_from(kinds))] * n_files
         for _ in range(n_features)
     ]
-    shapes = [(draw(st.sampled_from(OFFSETS)), draw(st.sampled_from(SCALES))) for _ in range(n_features)]
+    shapes = [
+        (draw(st.sampled_from(OFFSETS)), draw(st.sampled_from(SCALES))) for _ in range(n_features)
+    ]
     nulls = draw(st.sampled_from([0.0, 0.0, 0.05, 0.2]))
     id_kind = draw(st.sampled_from([None, "int", "text", "float", "mixed"]))
     label = draw(st.booleans())
@@ -144,7 +149,9 @@ def sources(draw) -> Source:
             if not frame["target"].isna().any():
                 frame["target"] = frame["target"].astype(np.int64)
         if id_kind is not None:
-            kind = draw(st.sampled_from(["int", "text", "float"])) if id_kind == "mixed" else id_kind
+            kind = (
+                draw(st.sampled_from(["int", "text", "float"])) if id_kind == "mixed" else id_kind
+            )
             frame["id"] = _ids(rng, kind, n, start, nulls / 2)
         frames.append(frame)
         start += n
@@ -161,6 +168,7 @@ def sources(draw) -> Source:
         chunk_rows=draw(st.integers(1, 5)),
         shard_rows=draw(st.integers(1, 7)),
         scaler=draw(st.sampled_from(["standard", "minmax", "robust", "none"])),
+        via_raw=draw(st.integers(0, 2)) == 0,
     )
 
 

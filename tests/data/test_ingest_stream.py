@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -167,3 +168,25 @@ def test_the_ingest_command_streams_a_clean_batch(tmp_path):
     a = assert_accounted(run_ingest(src, tmp_path / "a"))
     b = assert_accounted(run_ingest(src, tmp_path / "b", "--set", "data.in_memory_max_bytes=0"))
     assert b["streamed"] and b["content_hash"] == a["content_hash"]
+
+
+@pytest.mark.parametrize("rows_after", [450, 300])
+def test_a_file_replaced_while_streamed_fails_naming_it_and_writes_nothing(tmp_path, rows_after):
+    """Counts came from the footers read at open: a replaced file gave a manifest of 200 rows
+    over a snapshot of 350 (issue 28 item 2); one of the same row count is caught too."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _frame(300, 0).to_parquet(src / "a.parquet", index=False)
+    _frame(300, 1).to_parquet(src / "b.parquet", index=False)
+    cfg = DataConfig(source=str(src), label_column="target")
+    for make in (
+        lambda s, out: ingest.write_snapshot_stream(s, cfg, out),
+        lambda s, out: ingest.copy_raw(s, out, 50),
+    ):
+        stream = ParquetStream(str(src), 16)
+        _frame(rows_after, 2).to_parquet(src / "b.parquet", index=False)
+        out = tmp_path / f"out-{uuid.uuid4().hex[:6]}"
+        with pytest.raises(DataError, match=r"b\.parquet\).* changed"):
+            make(stream, str(out))
+        assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+        _frame(300, 1).to_parquet(src / "b.parquet", index=False)

@@ -64,3 +64,15 @@ def test_a_short_file_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(OSError, match="is short"):
         cache.read_into(name, np.empty((n, 5), np.float32))
+
+
+def test_a_rebuild_removes_what_a_killed_writer_left(tmp_path):
+    """A killed writer's _staging-* folder of partial .f32 files, and files of an earlier
+    attempt that the new index does not name, do not survive the rebuild (issue 28 item 8)."""
+    out = tmp_path / "c"
+    (out / "_staging-0123456789ab").mkdir(parents=True)
+    (out / "_staging-0123456789ab" / "rows-00000.f32").write_bytes(b"\0" * 40)
+    (out / "rows-00009.f32").write_bytes(b"\0" * 40)
+    cache = row_cache.write(str(out), _chunks(np.random.default_rng(3), [7]), 5, 4)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([row_cache.INDEX, *(name for name, _ in cache.files)])

@@ -38,7 +38,9 @@ def memory_rows(frame: pd.DataFrame, features: list[str], kind: str):
     if not len(x):
         return x, None
     scaler = fit_scaler(kind, x)
-    mult = np.abs(scaler.transform(np.ones((1, x.shape[1]))) - scaler.transform(np.zeros((1, x.shape[1]))))[0]
+    mult = np.abs(
+        scaler.transform(np.ones((1, x.shape[1]))) - scaler.transform(np.zeros((1, x.shape[1])))
+    )[0]
     slack = 16 * np.finfo(np.float64).eps * np.abs(x).max(axis=0) * mult
     return apply_scaler(scaler, x), slack
 
@@ -77,5 +79,9 @@ def scaled_rows_both(
     assert cache.rows == len(want)
     want = _sorted(want)
     assert_close_f32(_sorted(np.concatenate(list(cache.iter_chunks()))), want, slack)
-    assert_close_f32(_sorted(stream_rows(plan, features, len(want), chunk, cache=cache)), want, slack)
-    assert_close_f32(_sorted(stream_rows(plan, features, len(want), chunk, scaler=scaler)), want, slack)
+    assert_close_f32(
+        _sorted(stream_rows(plan, features, len(want), chunk, cache=cache)), want, slack
+    )
+    assert_close_f32(
+        _sorted(stream_rows(plan, features, len(want), chunk, scaler=scaler)), want, slack
+    )
