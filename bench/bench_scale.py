@@ -158,6 +158,7 @@ def samples_per_second(
 
     import torch
 
+    from sae_pipeline.data.scaling import apply_scaler
     from sae_pipeline.engine import trainer
     from sae_pipeline.engine.net import build_net
     from sae_pipeline.steps import _training_stream as ts
@@ -173,7 +174,7 @@ def samples_per_second(
     shards.cache = None
     x_val = x_val[:4096]
     parts = [x for x in ts.part_chunks(ctx, "train")]
-    x_mem = torch.from_numpy(np.concatenate(parts) * stream.mult + stream.add)
+    x_mem = torch.from_numpy(apply_scaler(stream.scaler, np.concatenate(parts)))  # as training
     del parts
     runs = (("in memory", x_mem, None), ("streaming", None, stream), ("shards", None, shards))
     best = dict.fromkeys([name for name, _, _ in runs], 0.0)

@@ -194,12 +194,16 @@ def inspect_batch(files: Sequence[str], contract, sample_rows: int = 1000) -> di
 
     from sae_pipeline.data.validation import validate_frame
 
-    rows = []
+    rows, stamps, id_types = [], [], []
     sample = None
+    ident = getattr(contract, "id_column", None)
     for f in files:
+        stamps.append(file_stamp(f))
         with open_parquet(f) as pf:
             check_schema(pf.schema_arrow, contract, f)
             rows.append(pf.metadata.num_rows)
+            if ident is not None and ident in pf.schema_arrow.names:
+                id_types.append(pf.schema_arrow.field(ident).type)
             if sample is None and pf.metadata.num_rows:
                 head = next(
                     pf.iter_batches(batch_size=sample_rows, columns=contract.feature_columns)
@@ -212,7 +216,53 @@ def inspect_batch(files: Sequence[str], contract, sample_rows: int = 1000) -> di
     finite = sample[np.isfinite(sample.to_numpy(dtype=np.float64)).all(axis=1)]
     if len(finite):
         validate_frame(pd.DataFrame(finite), contract)
-    return {"files": list(files), "rows": total, "file_rows": rows, "key": batch_key(files, rows)}
+    key = batch_key(files, rows)
+    for f, stamp in zip(files, stamps, strict=True):
+        check_unchanged(f, stamp, "while the batch was inspected")
+    return {
+        "files": list(files),
+        "rows": total,
+        "file_rows": rows,
+        "key": key,
+        "stamps": stamps,  # each file as its key was computed: encode checks it is still so
+        "id_type": str(common_id_type(id_types)) if id_types else None,
+    }
+
+
+def common_id_type(types: Sequence[Any]):
+    """The one Arrow type of a batch's id column over its files, by pandas' rules: integers
+    (any width) int64; integers and floats float64; anything else (text, or a mix with it)
+    text, each id written as Arrow writes it (``7`` as ``"7"``)."""
+    import pyarrow as pa
+
+    if all(pa.types.is_integer(t) for t in types):
+        return pa.int64()
+    if all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in types):
+        return pa.float64()
+    return pa.string()
+
+
+def file_stamp(uri: str) -> str:
+    """What changes whenever a file is rewritten, cheaply (no read): size, modification time
+    and inode of a local file; size, time and ETag or checksum of an object."""
+    if storage.is_local(uri):
+        st = os.stat(storage.local_path(uri))
+        return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    info = fs.info(path)
+    keys = ("size", "mtime", "LastModified", "last_modified", *_STORE_IDENTITIES)
+    return ":".join(str(info.get(k)) for k in keys)
+
+
+def check_unchanged(uri: str, stamp: str | None, when: str) -> None:
+    """DataError naming ``uri`` when it is no longer the file ``stamp`` was taken of."""
+    if stamp is not None and file_stamp(uri) != stamp:
+        raise DataError(
+            f"batch file {uri} changed {when}: its batch key no longer names its content; "
+            "announce the new file as a new batch"
+        )
 
 
 def finite_rows(x: np.ndarray, columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -383,5 +433,8 @@ def read_batch_sample(ctx: dict[str, Any], columns: list[str], sample_rows: int,
             ok &= picked
         frames.append(pd.DataFrame(x[ok], columns=columns))
         start += len(x)
+    if start != rows_in:
+        raise DataError(f"batch {info['key']} changed while it was read: {rows_in} rows when "
+                        f"inspected, {start} read")  # fmt: skip
     frame = pd.concat(frames, ignore_index=True)
     return frame, {"rows_in": start, "rows_valid": valid, "rows_quarantined": start - valid}

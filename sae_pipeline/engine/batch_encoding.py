@@ -63,8 +63,11 @@ def output_schema(encoder, id_field=None):
 
 
 # ---- planning ---------------------------------------------------------------------------------
-def plan(files: Sequence[str], shard_rows: int = SHARD_ROWS) -> list[dict[str, Any]]:
-    """Shards of about ``shard_rows`` rows: whole row groups of one file each, in order."""
+def plan(
+    files: Sequence[str], shard_rows: int = SHARD_ROWS, stamps: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Shards of about ``shard_rows`` rows: whole row groups of one file each, in order;
+    each with its file's ``stamp`` when given (``batches.file_stamp`` at inspection)."""
     if shard_rows < 1:
         raise DataError(f"shard_rows must be positive, got {shard_rows}")
     shards: list[dict[str, Any]] = []
@@ -78,10 +81,13 @@ def plan(files: Sequence[str], shard_rows: int = SHARD_ROWS) -> list[dict[str, A
                 "row_groups": groups,
                 "first_row": start,
                 "rows": rows,
+                "stamp": stamp,
             }
         )
 
-    for f in files:
+    for k, f in enumerate(files):
+        stamp = stamps[k] if stamps else None
+        batches.check_unchanged(f, stamp, "after the batch was inspected")
         with batches.open_parquet(f) as pf:
             md = pf.metadata
             groups, start, rows = [], first, 0
@@ -131,20 +137,31 @@ def encode_shard(
     chunk_rows: int = CHUNK_ROWS,
     device=None,
     on_rows: Callable[[int], None] | None = None,
+    id_type: str | None = None,
 ) -> dict[str, Any]:
-    """Stream one shard through the encoder; write its part (and quarantine) atomically."""
+    """Stream one shard through the encoder; write its part (and quarantine) atomically.
+
+    ``id_type``: the id column's one Arrow type over the whole batch
+    (``batches.common_id_type``): every part's ids are cast to it, and a file without the
+    column gets null ids of it, so that the parts read as one table. The shard's file must
+    be the one inspected (its ``stamp``) before and after it is read.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
     features = encoder.contract.feature_columns
     f = shard["file"]
+    batches.check_unchanged(f, shard.get("stamp"), "after the batch was inspected")
     with batches.open_parquet(f) as pf:
         batches.check_schema(pf.schema_arrow, encoder.contract, f)
         in_schema = pf.schema_arrow
-    id_field = in_schema.field(id_column) if id_column and id_column in in_schema.names else None
+    has_id = bool(id_column) and id_column in in_schema.names
+    id_field = in_schema.field(id_column) if has_id else None
+    if id_column and id_type is not None:
+        id_field = pa.field(id_column, pa.type_for_alias(id_type))
     schema = output_schema(encoder, id_field)
-    columns = [*features, *([id_field.name] if id_field is not None else [])]
+    columns = [*features, *([id_column] if has_id else [])]
 
     def read():
         for rb in batches.iter_chunks([f], columns, chunk_rows, {f: shard["row_groups"]}):
@@ -185,8 +202,10 @@ def encode_shard(
             if len(x):
                 codes, err = encode_rows(encoder, x, device)
                 arrays = [pa.array(rows)]
-                if id_field is not None:
-                    arrays.append(rb.column(id_field.name))
+                if id_field is not None and has_id:
+                    arrays.append(rb.column(id_column).cast(id_field.type))
+                elif id_field is not None:
+                    arrays.append(pa.nulls(len(x), id_field.type))
                 arrays += [pa.array(codes[:, j]) for j in range(codes.shape[1])]
                 arrays.append(pa.array(err))
                 if encoder.anomaly is not None:
@@ -201,6 +220,7 @@ def encode_shard(
         if counts["rows_in"] != shard["rows"]:  # before the part is published
             raise DataError(f"shard {shard['index']} of {f}: read {counts['rows_in']} rows, "
                             f"planned {shard['rows']}")  # fmt: skip
+        batches.check_unchanged(f, shard.get("stamp"), "while it was encoded")
     return {
         "index": shard["index"],
         **counts,

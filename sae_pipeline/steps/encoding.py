@@ -244,7 +244,9 @@ def plan_step(ctx: dict[str, Any]) -> list[dict[str, Any]]:
     if committed(ctx) is not None:
         log.info("%s is already encoded by this model version; nothing to do", ctx["output"])
         return []
-    shards = plan(ctx["batch"]["files"], ctx["shard_rows"])
+    if storage.is_local(ctx["staging"]):
+        storage.remove(ctx["staging"])  # a new attempt: what an earlier one staged is stale
+    shards = plan(ctx["batch"]["files"], ctx["shard_rows"], ctx["batch"].get("stamps"))
     log.info("%d row(s) in %d shard(s)", ctx["batch"]["rows"], len(shards))
     return shards
 
@@ -269,6 +271,7 @@ def encode_shard_step(
         chunk_rows=ctx["chunk_rows"],
         device=trainer.resolve_device(ENCODE_DEVICE),
         on_rows=on_rows,
+        id_type=ctx["batch"].get("id_type"),
     )
     log.info(
         "shard %d: %d in, %d encoded, %d quarantined %s",
@@ -322,6 +325,7 @@ def commit_step(ctx: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[
     if storage.is_local(ctx["output"]):
         staging, final = storage.local_path(ctx["staging"]), storage.local_path(ctx["output"])
         staging.mkdir(parents=True, exist_ok=True)
+        _keep_only(staging, {*manifest["parts"], *manifest["quarantine"]})
         storage.write_json(str(staging / MANIFEST), manifest)
         if final.exists():  # an older encoding of another batch/version under this name
             check_output(ctx["output"], ctx["batch"]["files"])  # nothing new of the user's
@@ -345,6 +349,18 @@ def commit_step(ctx: dict[str, Any], results: Sequence[dict[str, Any]]) -> dict[
         totals["rows_quarantined"],
     )
     return manifest
+
+
+def _keep_only(staging: Path, names: set[str]) -> None:
+    """Remove from a local staging folder what the manifest does not name (parts of an
+    attempt with other shard sizes): the folder is published whole."""
+    for p in sorted(staging.rglob("*"), reverse=True):
+        rel = p.relative_to(staging).as_posix()
+        if p.is_dir() and not p.is_symlink():
+            if not any(p.iterdir()):
+                p.rmdir()
+        elif rel not in names:
+            p.unlink()
 
 
 def _remove_parts(output: str, previous: dict[str, Any], current: dict[str, Any]) -> None:
