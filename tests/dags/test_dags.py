@@ -176,16 +176,19 @@ def test_candidate_child_runs_are_ended(store):
 
 
 def test_drift_monitor_reads_only_the_newest_asset_event(monkeypatch):
-    """inlet_events[asset] fetches every event ever emitted unless bounded."""
+    """inlet_events[asset] fetches every event ever emitted unless bounded: the task must ask
+    for the newest one only, and hand exactly that one on."""
     from types import SimpleNamespace
 
     from sae_pipeline.steps import monitoring
 
     module = _load_dag_module("sae_drift_monitor")
+    emitted = [SimpleNamespace(extra={"path": f"/data/batch-{i}.parquet"}) for i in range(5)]
 
-    class Events:  # the shape of Airflow's InletEventsAccessor
+    class Events:  # the shape of Airflow's InletEventsAccessor, over `emitted` (oldest first)
         def __init__(self):
             self.query = {"ascending": True, "limit": None}
+            self.fetched = 0
 
         def ascending(self, ascending=True):
             self.query["ascending"] = ascending
@@ -195,27 +198,37 @@ def test_drift_monitor_reads_only_the_newest_asset_event(monkeypatch):
             self.query["limit"] = limit
             return self
 
+        def _rows(self):
+            rows = emitted if self.query["ascending"] else emitted[::-1]
+            rows = rows[: self.query["limit"]] if self.query["limit"] else rows
+            self.fetched = max(self.fetched, len(rows))
+            return rows
+
         def __getitem__(self, i):
-            if self.query != {"ascending": False, "limit": 1}:
-                raise AssertionError(f"fetched all events: {self.query}")
-            return [SimpleNamespace(extra={"path": "/data/newest.parquet"})][i]
+            return self._rows()[i]
 
         def __len__(self):
-            return 1
+            return len(self._rows())
 
-    seen = {}
+        def __iter__(self):
+            return iter(self._rows())
+
+    seen, handed = {}, object()
 
     def context(run_id, params, events, latest):
-        seen["batch"] = latest[-1].extra["path"]
-        return {"ok": True}
+        seen["latest"] = [e.extra["path"] for e in latest]
+        return handed
 
     monkeypatch.setattr(monitoring, "context", context)
     prepare = module.drift_dag.get_task("prepare").python_callable
-    assert prepare(
+    events = Events()
+    result = prepare(
         params={}, run_id="scheduled__x", triggering_asset_events={},
-        inlet_events={module.NEW_BATCHES: Events()},
-    ) == {"ok": True}  # fmt: skip
-    assert seen["batch"] == "/data/newest.parquet"
+        inlet_events={module.NEW_BATCHES: events},
+    )  # fmt: skip
+    assert result is handed  # the task returns what the step returned
+    assert seen["latest"] == ["/data/batch-4.parquet"]  # the newest, and only it
+    assert events.fetched == 1  # one event read from the metadata database, not all five
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,14 @@ def test_the_plain_probe_predicts_what_the_fitted_pipeline_predicts(n_classes):
     probe = fit_probe(f[:300], y[:300], f[300:], y[300:], max_iter=1000)
     assert np.asarray(probe["coef"]).shape == (n_classes, 4)
     sk = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(f[:300], y[:300])
+    # Row by row, not only on average: the documented rule gives the pipeline's labels.
+    scores = f @ np.asarray(probe["coef"]).T + np.asarray(probe["intercept"])
+    plain = np.asarray(probe["classes"])[scores.argmax(axis=1)]
+    np.testing.assert_array_equal(plain, sk.predict(f))
     assert probe["test_accuracy"] == pytest.approx(sk.score(f[300:], y[300:]))
     assert probe_accuracy_on(probe, f, y) == pytest.approx(sk.score(f, y))
+    flipped = {**probe, "coef": (-np.asarray(probe["coef"])).tolist()}  # the check can fail
+    assert probe_accuracy_on(flipped, f, y) < sk.score(f, y) - 0.2
 
 
 def test_a_drop_beyond_max_drop_fires_and_joins_the_decision():
