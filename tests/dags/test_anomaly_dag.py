@@ -64,11 +64,16 @@ def test_the_run_logs_roc_auc_for_the_detector_and_isolation_forest(cardio_run):
     assert metrics["anomaly_train_flagged_share"] == pytest.approx(0.1, abs=0.01)
     # Baselines on the run's own test rows, computed here: the logged numbers are the stored
     # models' (recomputed), and the trained SAE's reconstruction error ranks the anomalies
-    # better than that of untrained networks of its shape (the best of three seeds).
+    # better than that of untrained networks of its shape (the best of three seeds) and is far
+    # smaller. The detector itself is not held to a baseline here: on cardio IsolationForest
+    # ranks better (docs/anomaly.md: 0.932 vs 0.899), and so did the detector with its members
+    # left untrained (0.92 vs 0.89, measured when this test was written); tests/engine/
+    # test_anomaly.py holds it to both baselines on a fixture where a model can make a difference.
     base = anomaly_baselines(results["prepare"])
     for name in ("detector", "iforest", "sae_error"):
         assert metrics[f"anomaly_{name}_roc_auc"] == pytest.approx(base[name], abs=1e-9), name
     assert metrics["anomaly_sae_error_roc_auc"] > base["untrained_sae_error"], base
+    assert results["evaluate"]["test_mse"] < 0.5 * base["untrained_mse"], base
 
 
 def anomaly_baselines(ctx) -> dict[str, float]:
@@ -92,6 +97,9 @@ def anomaly_baselines(ctx) -> dict[str, float]:
     def error_auc(n) -> float:
         return roc_auc_score(y, ((trainer.reconstruct_array(n, scaled) - scaled) ** 2).mean(1))
 
+    def mse(n) -> float:
+        return float(np.mean((trainer.reconstruct_array(n, scaled) - scaled) ** 2))
+
     meta, arrays = detector_state(ctx)
     seed = config_of(ctx).training.seed
     forest = IsolationForest(random_state=seed).fit(data["x_train"])
@@ -100,6 +108,7 @@ def anomaly_baselines(ctx) -> dict[str, float]:
         "iforest": roc_auc_score(y, -forest.score_samples(data["x_test"])),
         "sae_error": error_auc(net),
         "untrained_sae_error": max(error_auc(build_net(net.arch, seed=s)) for s in range(3)),
+        "untrained_mse": min(mse(build_net(net.arch, seed=s)) for s in range(3)),
     }
 
 
