@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sae_pipeline.data._paths import file_stamp
 from sae_pipeline.data.sources import (
     _compression,
     _exists,
@@ -66,6 +67,7 @@ class CsvStream:
         if fs.isdir(path):
             raise DataError(f"CSV source {source} is a folder, not a file")
         self.file_bytes = int(fs.size(path) or 0)
+        self._fs, self._path, self._stamp = fs, path, file_stamp(fs, path)
         self.compressed = _compression(source) is not None
         with self._open() as fh:
             sample = self._read(fh, CSV_SAMPLE_BYTES)
@@ -126,9 +128,10 @@ class CsvStream:
                     frame[c] = frame[c].astype(object).where(frame[c].notna(), np.nan)
             rows += len(frame)
             yield pa.Table.from_pandas(frame, schema=schema, preserve_index=False), frame
-        if rows != self._rows:
+        if rows != self._rows or file_stamp(self._fs, self._path) != self._stamp:
             raise DataError(
-                f"CSV {self.source} changed while it was read ({self._rows} rows, now {rows})"
+                f"CSV {self.source} changed while it was read ({self._rows} rows when opened, "
+                f"{rows} read)"
             )
 
     # ---- the scan ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import numpy as np
 
 from sae_pipeline import storage
 from sae_pipeline.data import batches
+from sae_pipeline.errors import DataError
 
 PARTS = ("train", "val", "test")
 _PART_CODE = {"train": 0, "val": 1, "test": 2}
@@ -142,6 +143,11 @@ def iter_batches(
             start += rb.num_rows
             if keep is None or len(keep):
                 yield rb, keep
+        if start - u.first_row != u.rows:  # the file changed since the plan was read
+            raise DataError(
+                f"snapshot file {u.file} changed while it was read: row group {u.group} had "
+                f"{u.rows} rows when planned, {start - u.first_row} read"
+            )
 
 
 def iter_part(

@@ -181,3 +181,16 @@ def test_the_size_is_estimated_from_a_sample(tmp_path, monkeypatch):
     estimate = stream.nbytes
     assert stream.rows == 2000 and stream.nbytes == 2000 * 6 * 8  # exact once scanned
     assert estimate == pytest.approx(stream.nbytes, rel=0.1)
+
+
+def test_a_csv_rewritten_with_as_many_rows_while_streamed_fails_naming_it(tmp_path):
+    """Counted reads catch a new row count; the file's size and time catch the rest."""
+    src = tmp_path / "a.csv"
+    src.write_text("x,y\n" + "".join(f"{i},{i * 2}\n" for i in range(40)))
+    stream = CsvStream(str(src), chunk_rows=16)
+    seen = []
+    with pytest.raises(DataError, match=r"a\.csv changed while it was read"):
+        for _, frame in stream.chunks():
+            if not seen:
+                src.write_text("x,y\n" + "".join(f"{i},{i * 3}\n" for i in range(40)))
+            seen.append(len(frame))

@@ -8,6 +8,7 @@ import pytest
 
 from sae_pipeline.data import parts
 from sae_pipeline.data.scaling import affine, fit_scaler, fit_scaler_stream
+from sae_pipeline.errors import DataError
 
 COLUMNS = [f"f{i}" for i in range(5)]
 
@@ -96,3 +97,13 @@ def test_sample_positions_pick_the_rows_sample_part_picks_without_reading_them(s
     assert x.dtype == np.float64 and x.shape == (200, 6)
     np.testing.assert_array_equal(x[:, -1], positions)
     assert len(parts.sample_positions(3000, 10**6, seed=4)) == 3000
+
+
+def test_a_snapshot_shard_replaced_after_planning_fails_naming_it(shards, tmp_path):
+    """Every stream counts a file's rows against what it saw at open (issue 28 item 2)."""
+    frame = pd.DataFrame(np.ones((900, 5)), columns=COLUMNS)
+    frame["i"] = np.arange(900)
+    frame.to_parquet(tmp_path / "part-1.parquet", row_group_size=225)
+    with pytest.raises(DataError, match=r"part-1\.parquet changed while it was read"):
+        for _ in parts.iter_part(shards, COLUMNS, None, "train", 100):
+            pass
