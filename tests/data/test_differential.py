@@ -169,12 +169,18 @@ def test_item7_a_null_in_a_later_row_group_only_is_one_type(tmp_path):
 
 
 def test_item7_a_named_index_is_a_column_either_way(tmp_path):
-    frame = pd.DataFrame({"x": np.arange(10.0), "y": np.arange(10.0) ** 2})
+    """The streamed quarantine kept a named index as the index (pandas metadata), memory as a
+    column."""
+    frame = pd.DataFrame({"x": np.arange(12.0), "y": np.arange(12.0) ** 2})
+    frame.loc[1, "x"] = np.nan
     src = _parquet_source([frame], index="named")
     out = _ingested(src, tmp_path)
     raw = ingest_via_raw(src, out["source"], tmp_path)
     assert_same_outcome(out["memory"], raw["stream"])
     assert out["stream"]["columns"][0] == "key"
+    for name in ("memory", "stream", "raw_streamed"):
+        assert_same_snapshot(tmp_path, "memory", name)
+        assert list(snapshot.read_quarantine(str(tmp_path / name)).columns)[:3] == ["key", "x", "y"]
 
 
 def test_item7_minus_two_to_the_63_next_to_a_blank_is_a_number(tmp_path):
