@@ -37,6 +37,13 @@ def _set_overrides(items: Sequence[str]) -> dict:
     return out
 
 
+def _config_path(path: str | None, what: str = "--config") -> str | None:
+    """A YAML file a flag names, checked as the DAGs' ``config_path`` param is."""
+    from sae_pipeline.steps.deployment import check_config_path
+
+    return check_config_path(path, what)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sae_pipeline.demo.demo import run_demo
 
@@ -87,7 +94,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     from sae_pipeline.config import load_config
 
-    cfg = load_config(args.config, **_set_overrides(args.set))
+    cfg = load_config(_config_path(args.config), **_set_overrides(args.set))
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     return 0
 
@@ -104,17 +111,20 @@ INGEST_FLAGS = {
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from sae_pipeline import storage
+    from sae_pipeline import boundary, storage
     from sae_pipeline.config import load_config
     from sae_pipeline.data import ingest, snapshot
+    from sae_pipeline.steps.deployment import check_data_locations
 
     overrides = _set_overrides(args.set)
     for flag, field in INGEST_FLAGS.items():
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
-    cfg = load_config(args.config, **overrides)
-    out_dir = storage.normalize_root(args.output)
-    manifest = ingest.ingest(cfg.data, out_dir)
+    cfg = load_config(_config_path(args.config), **overrides)
+    # Read from where a data_source may be, write where an artifact root may be: before any I/O.
+    data = check_data_locations(cfg.data)
+    out_dir = storage.normalize_root(boundary.artifact_location(args.output, "--output"))
+    manifest = ingest.ingest(data, out_dir)
     print(json.dumps({"output": out_dir, **snapshot.summary(manifest, out_dir)}, indent=2))
     return 0
 
@@ -147,10 +157,11 @@ def cmd_drift(args: argparse.Namespace) -> int:
     from sae_pipeline.steps import monitoring, review
     from sae_pipeline.steps.batch_context import batch_context
 
+    policy_path = _config_path(args.policy, "--policy")  # as the monitor's policy_path param
     run_id = _cli_run_id(args.run_id, "drift")
     params = {"batch": args.batch, "model_version": args.model_version, "config_path": args.config}
     ctx = batch_context(run_id, params, overrides=_set_overrides(args.set))
-    ctx = monitoring.prepare(ctx, args.policy, _set_overrides(args.policy_set))
+    ctx = monitoring.prepare(ctx, policy_path, _set_overrides(args.policy_set))
     summary = monitoring.run_check(ctx, progress=not args.quiet)
     retrain_run = f"retrain__{ctx['run_key']}" if args.retrain else None
     print(json.dumps(review.act_here(ctx, summary, retrain_run), indent=2))
@@ -160,10 +171,14 @@ def cmd_drift(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from sae_pipeline.config import load_config
     from sae_pipeline.registry import service, tracking
+    from sae_pipeline.steps.deployment import check_local_output, check_tracking_uri
 
     # starts, switches and retries are INFO (normal events), shown without --verbose
     logging.getLogger(service.__name__).setLevel(logging.INFO)
-    cfg = load_config(args.config, **_set_overrides(args.set))
+    cfg = load_config(_config_path(args.config), **_set_overrides(args.set))
+    check_tracking_uri(cfg.registry.tracking_uri)
+    live_file = check_local_output(args.live_file, "--live-file")
+    log_dir = check_local_output(args.log_dir, "--log-dir")
     client = tracking.client(cfg)
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(cfg)  # for the server processes
     supervisor = service.Supervisor(
@@ -174,8 +189,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         env_manager=args.env_manager,
         plain=args.plain,
         blue_green=args.blue_green,
-        live_file=Path(args.live_file) if args.live_file else None,
-        log_dir=Path(args.log_dir) if args.log_dir else None,
+        live_file=live_file,
+        log_dir=log_dir,
     )
     print(
         f"serving models:/{supervisor.name}@{args.alias} on http://{args.host}:{args.port} "
@@ -196,8 +211,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_registry_migrate(args: argparse.Namespace) -> int:
     from sae_pipeline.config import load_config
     from sae_pipeline.registry.migrate import migrate_version
+    from sae_pipeline.steps.deployment import check_tracking_uri
 
-    cfg = load_config(args.config, **_set_overrides(args.set))
+    cfg = load_config(_config_path(args.config), **_set_overrides(args.set))
+    check_tracking_uri(cfg.registry.tracking_uri)
     print(json.dumps(migrate_version(cfg, args.version), indent=2))
     return 0
 

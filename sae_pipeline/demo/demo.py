@@ -100,8 +100,11 @@ def run_demo(
     With ``loop`` (and the demo's own data), a quarter of the digits is held out of training
     as a fresh batch, and the loop (encode, drift check, retrain) runs after training.
     """
+    from sae_pipeline import boundary
     from sae_pipeline.errors import SaePipelineError
 
+    # The demo writes its Airflow home and data there before the DAG checks artifacts_root.
+    boundary.artifact_location(str(workdir / "artifacts"), "--workdir")
     t0 = time.perf_counter()
     prepare_airflow(workdir / ".airflow")
     conf = {"artifacts_root": str(workdir / "artifacts"), **(conf or {})}

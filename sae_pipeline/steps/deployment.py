@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
 from sae_pipeline import boundary
-from sae_pipeline.config import PipelineConfig, mask_credentials
+from sae_pipeline.config import DataConfig, PipelineConfig, mask_credentials
 from sae_pipeline.errors import ConfigError
 
 # ---- what a run may point at ---------------------------------------------------------------
@@ -48,7 +49,28 @@ def check_run_locations(cfg: PipelineConfig, data: bool = True) -> PipelineConfi
     - ``$SAE_ALLOWED_DATA_SOURCES`` (with ``data``): where ``data.source`` and
       ``data.contract`` may be read from (``sae_pipeline.boundary``).
     """
-    uri = cfg.registry.tracking_uri
+    check_tracking_uri(cfg.registry.tracking_uri)
+    update: dict = {"artifacts_root": boundary.artifact_location(cfg.artifacts_root)}
+    if data:
+        update["data"] = check_data_locations(cfg.data)
+    return cfg.model_copy(update=update)
+
+
+def check_data_locations(data: DataConfig) -> DataConfig:
+    """``data`` with ``source`` and ``contract`` checked against ``$SAE_ALLOWED_DATA_SOURCES``
+    and normalised (the training DAG's ``data_source``, the CLI's ``ingest --source``)."""
+    contract = data.contract
+    return data.model_copy(
+        update={
+            "source": boundary.data_location(data.source, "data.source"),
+            "contract": contract and boundary.data_location(contract, "data.contract"),
+        }
+    )
+
+
+def check_tracking_uri(uri: str | None) -> None:
+    """ConfigError when ``uri`` holds a credential or is not a server this deployment allows
+    (``check_run_locations``); MLflow sends the worker's credentials wherever it points."""
     if uri and boundary.find_secret(uri):
         raise ConfigError(
             f"tracking_uri {boundary.mask_secrets(uri)!r} holds a credential: it would be "
@@ -63,16 +85,16 @@ def check_run_locations(cfg: PipelineConfig, data: bool = True) -> PipelineConfi
             f"(allowed: {', '.join(mask_credentials(a) for a in allowed)}); the workers' MLflow "
             "credentials go only there"
         )
-    update: dict = {"artifacts_root": boundary.artifact_location(cfg.artifacts_root)}
-    if data:
-        contract = cfg.data.contract
-        update["data"] = cfg.data.model_copy(
-            update={
-                "source": boundary.data_location(cfg.data.source, "data.source"),
-                "contract": contract and boundary.data_location(contract, "data.contract"),
-            }
-        )
-    return cfg.model_copy(update=update)
+
+
+def check_local_output(raw: str | None, what: str) -> Path | None:
+    """A local file or folder a command writes (``serve --live-file``, ``--log-dir``): on this
+    machine, and under ``$SAE_ALLOWED_ARTIFACT_ROOTS`` like every place the pipeline writes."""
+    if not raw:
+        return None
+    if boundary.parse_location(raw, what).protocol != boundary.LOCAL:
+        raise ConfigError(f"{what} {mask_credentials(raw)!r} must be a local path, not a URL")
+    return Path(boundary.artifact_location(raw, what))
 
 
 def task_timeout(heavy: bool = False) -> timedelta:
