@@ -60,6 +60,30 @@ def _isolated_mlflow_uris():
         tracking_utils._tracking_uri = None
 
 
+MLFLOW_DEFAULTS = ("mlflow.db", "mlruns")  # MLflow's own store and artifacts, in the cwd
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_defaults_in_cwd():
+    """A test that lets MLflow fall back on its defaults fails, and what it left is removed.
+
+    With no tracking URI set, MLflow 3 opens ``sqlite:///mlflow.db`` in the current folder, and
+    a store's default experiment keeps its artifacts in ``./mlruns``: a test (or the code it
+    runs) that used them read or wrote a store nobody named.
+    """
+    cwd = Path.cwd()
+    before = {name for name in MLFLOW_DEFAULTS if (cwd / name).exists()}
+    yield
+    left = [name for name in MLFLOW_DEFAULTS if (cwd / name).exists() and name not in before]
+    for name in left:
+        path = cwd / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    assert not left, f"the test left MLflow's default store in {cwd}: {left}; name a tracking URI"
+
+
 @pytest.fixture(scope="session")
 def airflow_db():
     """A migrated SQLite metadata database for dag.test()."""

@@ -79,7 +79,9 @@ def test_load_encoder_rebuilds_the_engine_encoder_of_each_version(no_pickle):
     assert champion.resolve(cfg).version == "2"
 
 
-def test_a_legacy_pickled_version_is_refused_with_the_migrate_command(no_pickle, monkeypatch):
+def test_a_legacy_pickled_version_is_refused_with_the_migrate_command(
+    no_pickle, monkeypatch, tmp_path
+):
     import mlflow
     import mlflow.pyfunc
 
@@ -90,7 +92,10 @@ def test_a_legacy_pickled_version_is_refused_with_the_migrate_command(no_pickle,
         def predict(self, context, model_input, params=None):
             return model_input
 
-    with mlflow.start_run():
+    # Its own experiment with its artifacts under tmp_path: the store's default experiment
+    # keeps them in ./mlruns of whatever folder the tests run from.
+    exp = mlflow.create_experiment("legacy", artifact_location=(tmp_path / "mlruns").as_uri())
+    with mlflow.start_run(experiment_id=exp):
         info = mlflow.pyfunc.log_model(name="legacy", python_model=Legacy(), pip_requirements=[])
     with pytest.raises(RegistryError, match="sae-pipeline registry migrate --version"):
         bundle.load_encoder(info.model_uri)
