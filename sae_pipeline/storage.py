@@ -39,7 +39,10 @@ def normalize_root(root: str) -> str:
 
 def run_key(run_id: str) -> str:
     """A file-name-safe key for an Airflow run id (``manual__2026-01-01T00:00:00+00:00``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id).strip("_") or "run"
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id).strip("_") or "run"
+    # Airflow accepts the run ids "." and "..", which would name the run folder's own parent
+    # (<root>/runs/.. is the root). No other run id gives a key that starts with "_".
+    return key if key.strip(".") else "_" + key
 
 
 def join(*parts: str) -> str:

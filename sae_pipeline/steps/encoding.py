@@ -107,8 +107,14 @@ def prepare(
     return out
 
 
+# A chunk is held in memory whole: its size is what bounds a worker's memory, so a trigger
+# may not raise it without limit (16 times the default).
+MAX_CHUNK_ROWS = 16 * CHUNK_ROWS
+
+
 def check_sizes(chunk_rows: Any, shard_rows: Any) -> tuple[int, int]:
-    """Chunk and shard sizes (defaults when not given); ConfigError unless positive integers."""
+    """Chunk and shard sizes (defaults when not given); ConfigError unless positive integers
+    (a chunk of at most ``MAX_CHUNK_ROWS`` rows)."""
     sizes = []
     for flag, value, default in (
         ("--chunk-rows", chunk_rows, CHUNK_ROWS),
@@ -122,6 +128,8 @@ def check_sizes(chunk_rows: Any, shard_rows: Any) -> tuple[int, int]:
             n = int(value)  # a DAG param typed in the form
         if n is None or n < 1:
             raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        if flag == "--chunk-rows" and n > MAX_CHUNK_ROWS:
+            raise ConfigError(f"{flag} must be at most {MAX_CHUNK_ROWS:,} (memory), got {value}")
         sizes.append(n)
     return sizes[0], sizes[1]
 

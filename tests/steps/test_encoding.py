@@ -468,3 +468,19 @@ def test_encoding_on_another_device_never_moves_the_cached_encoder():
     assert encoder.net_on(torch.device("meta")) is encoder.net_on("meta")  # one copy, reused
     codes, _ = encode_rows(encoder, x, torch.device("cpu"))
     np.testing.assert_array_equal(codes, expected)
+
+
+def test_a_chunk_larger_than_the_memory_bound_is_rejected(tmp_path, use_encoder, monkeypatch):
+    """A chunk is held in memory whole: a trigger's ``chunk_rows`` cannot lift the bound."""
+    src = write(tmp_path / "b.parquet", frame(30), 10)
+    ctx = make_ctx(tmp_path, [src], use_encoder.contract)
+    monkeypatch.setattr("sae_pipeline.steps.batch_context.batch_context", lambda *a, **k: ctx)
+    out = tmp_path / "out"
+    too_big = str(encoding.MAX_CHUNK_ROWS + 1)
+    rc, _, err = run_cli(["encode", "--batch", src, "--output", str(out), "--chunk-rows", too_big])
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--chunk-rows must be at most {encoding.MAX_CHUNK_ROWS:,}" in err
+    assert not out.exists()
+    with pytest.raises(SaePipelineError, match="--chunk-rows must be at most"):
+        encoding.prepare(ctx, str(out), chunk_rows=10**12)
+    assert encoding.prepare(ctx, str(out), chunk_rows=encoding.MAX_CHUNK_ROWS)["chunk_rows"]
