@@ -137,3 +137,18 @@ def test_the_app_refuses_a_pickled_model_even_when_the_environment_allows_it(tmp
     with pytest.raises(Exception, match=r"(?i)pickle"):
         service.scoring_app(str(tmp_path / "m"))
     assert not marker.exists()
+
+
+def test_normal_events_are_logged_below_warning(standin, caplog):
+    """Starting and switching are INFO; only failures reach WARNING and above."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger=service.__name__)
+    assert standin.sup.step(Registry("1"))
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == service.__name__]
+    assert [m for _, m in records if "is live" in m] and [m for _, m in records if "starting" in m]
+    assert all(level == logging.INFO for level, _ in records), records
+    standin.fail("2", 1)
+    assert not standin.sup.step(Registry("2"))
+    assert any(r.levelno == logging.ERROR and "did not start" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
