@@ -113,6 +113,7 @@ def _tables(n: int = 2000, shift_new: float = 1.5) -> tuple[pd.DataFrame, pd.Dat
     return train, new
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_your_own_data_walkthrough(project):
     text, transcript = section("Your own data"), []
@@ -155,6 +156,7 @@ def test_your_own_data_walkthrough(project):
     print("\n".join(transcript))
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_champion_snippet_and_mlflow_serve(project, capsys):
     """The README's first snippet and its ``mlflow models serve`` line, after ``train``."""

@@ -31,7 +31,12 @@ from tests.distributed_topology import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.distributed, pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.distributed,
+    pytest.mark.integration,
+    pytest.mark.slow,
+]
 
 HEAVY_TASKS = {"pretrain_layer_1", "pretrain_layer_2", "finetune"}
 

@@ -24,7 +24,12 @@ import yaml
 
 from tests.distributed_topology import REPO, WORKER_NAMES, Topology, require_services, wait_for
 
-pytestmark = [pytest.mark.distributed, pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.distributed,
+    pytest.mark.integration,
+    pytest.mark.slow,
+]
 
 MONITOR, ENCODING, TRAINING = "sae_drift_monitor", "sae_batch_encoding", "sae_training"
 HEAVY_TASKS = {"pretrain_layer_1", "pretrain_layer_2", "finetune"}

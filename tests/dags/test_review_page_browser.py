@@ -27,7 +27,7 @@ from tests.browser import Browser, unavailable
 from tests.distributed_topology import _stop_all, free_port, http, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.system, pytest.mark.integration, pytest.mark.slow]
 DAG_ID = "sae_review_page"
 RUN_ID = "manual__review_page"
 SIGNALS = ("raw", "codes", "reconstruction_error")

@@ -56,6 +56,7 @@ def _call(method: str, url: str, body=None, token: str | None = None):
         return json.loads(resp.read() or b"null")
 
 
+@pytest.mark.system
 @pytest.mark.slow
 @pytest.mark.integration
 def test_make_airflow_starts_logs_in_lists_the_dags_runs_a_task_and_stops(tmp_path):
