@@ -23,6 +23,8 @@ PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 Epochs = Annotated[int, Field(ge=0, le=100_000)]
 LearningRate = Annotated[float, Field(gt=0.0, le=10.0)]
+# A streamed phase's shuffle buffer grows to hold one batch: a batch cannot be the whole data.
+BatchSize = Annotated[int, Field(gt=0, le=65_536)]
 
 
 class _Section(BaseModel):
@@ -180,7 +182,7 @@ class PhaseConfig(_Section):
     """Optimisation settings of one training phase; the defaults are pretraining's."""
 
     epochs: Epochs = 40
-    batch_size: PositiveInt = 64
+    batch_size: BatchSize = 64
     learning_rate: LearningRate = 3e-3
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0

@@ -34,3 +34,21 @@ def test_run_keys_never_name_a_dot_segment():
     # Ordinary ids keep their keys (their runs' folders are found again).
     ordinary = "manual__2026-01-01T00:00:00+00:00"
     assert storage.run_key(ordinary) == "manual__2026-01-01T00_00_00_00_00"
+
+
+def test_a_batch_size_that_would_hold_the_whole_data_is_refused_before_any_write(tmp_path):
+    """The training DAG's ``batch_size`` param sizes the streamed shuffle buffer (memory)."""
+    import pytest
+
+    from sae_pipeline.errors import ConfigError
+    from sae_pipeline.steps import training as steps
+
+    root = tmp_path / "artifacts"
+    params = {"artifacts_root": str(root), "registry.tracking_uri": f"sqlite:///{tmp_path}/m.db"}
+    for field in ("training.pretrain.batch_size", "training.finetune.batch_size"):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as err:
+            steps.prepare("manual__big", None, {**params, field: 10**9})
+        assert "\n" not in str(err.value)
+    assert not root.exists() and not (tmp_path / "m.db").exists()
+    ctx = steps.prepare("manual__ok", None, {**params, "training.finetune.batch_size": 65_536})
+    assert steps.config_of(ctx).training.finetune.batch_size == 65_536
