@@ -23,9 +23,20 @@ TINY = {
 }
 
 
+HOME_ENV = "SAE_TEST_AIRFLOW_HOME"
+
+
 def pytest_configure(config):
-    home = Path(tempfile.mkdtemp(prefix="sae-airflow-"))
-    config._sae_airflow_home = home
+    # A pytest session started inside another (mutmut's forked workers run pytest.main again,
+    # and leave with os._exit, past pytest_unconfigure) shares the outer session's home; only
+    # the session that made the folder removes it.
+    inherited = os.environ.get(HOME_ENV, "")
+    if inherited and Path(inherited).is_dir():
+        home = Path(inherited)
+    else:
+        home = Path(tempfile.mkdtemp(prefix="sae-airflow-"))
+        os.environ[HOME_ENV] = str(home)
+        config._sae_airflow_home = home
     from sae_pipeline.demo.airflow_run import airflow_env
 
     os.environ.update(airflow_env(home, REPO / "dags"))
@@ -38,6 +49,7 @@ def pytest_unconfigure(config):
     home = getattr(config, "_sae_airflow_home", None)
     if home is not None:
         shutil.rmtree(home, ignore_errors=True)
+        os.environ.pop(HOME_ENV, None)
 
 
 @pytest.fixture(autouse=True)

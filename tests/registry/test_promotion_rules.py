@@ -167,3 +167,23 @@ def test_the_promotion_lock_serialises_and_names_the_model_on_timeout(tmp_path, 
 def _hold(cfg, order):
     with promotion.promotion_lock(cfg, "enc"):
         order.append("second")
+
+
+def test_without_a_lock_folder_the_lock_is_private_to_this_user_and_registry(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    monkeypatch.delenv(promotion.LOCK_DIR_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    a = build_config({}, {"registry.tracking_uri": "sqlite:///a.db"})
+    b = build_config({}, {"registry.tracking_uri": "sqlite:///b.db"})
+    uri = promotion.lock_uri(a, "enc")
+    private = tmp_path / f"sae-pipeline-{os.getuid()}"
+    assert uri.startswith(f"{private}/promote/") and uri.endswith(".lock")
+    assert (private.stat().st_mode & 0o777) == 0o700
+    assert promotion.lock_uri(b, "enc") != uri  # one lock per registry
+    assert promotion.lock_uri(a, "other") != uri  # and per model
+    assert promotion.lock_uri(a, "enc") == uri
+    os.chown(private, os.getuid() + 1, -1)  # the folder now belongs to someone else
+    with pytest.raises(RegistryError, match=f"{private} belongs to another user; set SAE_LOCK_DIR"):
+        promotion.lock_uri(a, "enc")

@@ -164,3 +164,29 @@ def test_the_database_password_comes_from_the_named_environment_variable(monkeyp
     with pytest.raises(DataError, match="SAE_DB_PASSWORD"):
         sources.read_sql("postgresql://etl@db/x", "select 1", "SAE_DB_PASSWORD")
     assert sources.describe_source("https://u:pw@h/a.csv") == "https://u:***@h/a.csv"
+
+
+def test_task_timeouts_default_read_the_environment_and_refuse_nonsense(monkeypatch):
+    from datetime import timedelta
+
+    from sae_pipeline.steps.deployment import task_timeout
+
+    for name in ("SAE_TASK_TIMEOUT_MINUTES", "SAE_HEAVY_TASK_TIMEOUT_MINUTES"):
+        monkeypatch.delenv(name, raising=False)
+    assert (task_timeout(), task_timeout(heavy=True)) == (timedelta(hours=1), timedelta(hours=12))
+    monkeypatch.setenv("SAE_TASK_TIMEOUT_MINUTES", " 2.5 ")
+    monkeypatch.setenv("SAE_HEAVY_TASK_TIMEOUT_MINUTES", "90")
+    assert task_timeout() == timedelta(minutes=2.5)
+    assert task_timeout(heavy=True) == timedelta(minutes=90)
+    monkeypatch.setenv("SAE_TASK_TIMEOUT_MINUTES", "")  # empty: the default
+    assert task_timeout() == timedelta(hours=1)
+    refusals = {
+        "soon": "must be a number of minutes, got 'soon'",
+        "0": "must be positive, got '0'",
+        "-3": "must be positive, got '-3'",
+    }
+    for raw, why in refusals.items():
+        monkeypatch.setenv("SAE_HEAVY_TASK_TIMEOUT_MINUTES", raw)
+        with pytest.raises(ConfigError, match=f"^SAE_HEAVY_TASK_TIMEOUT_MINUTES {why}$"):
+            task_timeout(heavy=True)
+        assert task_timeout() == timedelta(hours=1)  # the other setting is not read
