@@ -156,12 +156,11 @@ def log_artifact_file(cfg: PipelineConfig, run_id: str, path: str, artifact_path
 
 # ---- registry ---------------------------------------------------------------------------------
 def find_version(c: MlflowClient, name: str, key: str):
-    """The version of ``name`` an earlier try of this run registered, if any."""
-    try:
-        versions = c.search_model_versions(f"name = '{name}'")
-    except mlflow.exceptions.MlflowException:
-        return None
-    for v in versions:
+    """The version of ``name`` an earlier try of this run registered, if any.
+
+    A failed search raises: taken for "none", it would make a retry register the run again.
+    """
+    for v in c.search_model_versions(f"name = '{name}'"):
         if v.tags.get(RUN_KEY_TAG) == key:
             return v
     return None
