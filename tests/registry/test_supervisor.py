@@ -59,7 +59,7 @@ def standin(tmp_path, monkeypatch):
         "serve_command",
         lambda uri, host, port, *a: [sys.executable, str(script), str(tmp_path), str(port)],
     )
-    monkeypatch.setattr(service, "RETRY_FIRST", 0.4)
+    monkeypatch.setattr(service, "RETRY_FIRST", 1.0)
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # the parent's setting
 
     def fail(version: str, times: int) -> None:
@@ -84,12 +84,12 @@ def test_a_load_failure_that_goes_away_is_retried_while_nothing_serves(standin):
     sup, registry = standin.sup, Registry("1")
     standin.fail("1", 2)
     assert not sup.step(registry) and not sup.serving()
-    assert sup.pause["1"] == pytest.approx(0.4)
+    assert sup.pause["1"] == pytest.approx(1.0)
     assert not sup.step(registry)  # within the pause: no new start
     assert len(standin.starts("1")) == 1
-    time.sleep(0.5)
-    assert not sup.step(registry) and sup.pause["1"] == pytest.approx(0.8)
-    time.sleep(0.9)
+    time.sleep(1.1)
+    assert not sup.step(registry) and sup.pause["1"] == pytest.approx(2.0)
+    time.sleep(2.1)
     assert sup.step(registry) and sup.serving() and sup.live.version == "1"
     assert len(standin.starts("1")) == 3
     assert "1" not in sup.retry_at and "1" not in sup.refused
