@@ -149,10 +149,14 @@ def encoder_json(model_uri: str) -> dict[str, Any]:
 
 
 # ---- logging -----------------------------------------------------------------------------------
-def input_types(contract: Contract) -> dict[str, str]:
+def input_types(contract: Contract, example=None) -> dict[str, str]:
     """MLflow's type of each feature column: ``long`` where the training data held integers
-    (so the same data passes MLflow's check unchanged), ``double`` otherwise."""
-    kinds = contract.dtypes or {}
+    (so the same data passes MLflow's check unchanged), ``double`` otherwise. The dtypes of
+    ``example`` (training rows: what MLflow checks against the signature as the model is
+    logged) come first, the contract's where it has no such column."""
+    kinds = dict(contract.dtypes or {})
+    if example is not None:
+        kinds.update({str(c): str(t) for c, t in example.dtypes.items()})
     return {
         c: "long" if str(kinds.get(c, "")).startswith(("int", "uint")) else "double"
         for c in contract.feature_columns
@@ -233,7 +237,7 @@ def log_encoder_model(encoder: Encoder, example, registered_name: str, tags: dic
         ):
             raise RegistryError("the encoder bundle does not reproduce the encoder's outputs")
         columns = [*encoder.code_columns, runtime.ERROR_COLUMN]
-        features = input_types(encoder.contract)
+        features = input_types(encoder.contract, example)
         extra = {"anomaly_score": "double", "is_anomaly": "boolean"} if bundle.anomaly else {}
         if bundle.probe:
             text = any(isinstance(c, str) for c in bundle.probe["classes"])
@@ -259,7 +263,11 @@ def log_scaler_model(encoder: Encoder, example, registered_name: str, tags: dict
             SCALER_FILE,
             artifacts,
             signature=_signature(
-                input_types(encoder.contract), columns, "direction", "transform", dtype="double"
+                input_types(encoder.contract, example),
+                columns,
+                "direction",
+                "transform",
+                dtype="double",
             ),
             input_example=(example.head(5), {"direction": "transform"}),
             registered_model_name=registered_name,

@@ -205,3 +205,14 @@ def test_the_input_schema_keeps_the_training_datas_integer_columns_long():
     assert [(s.name, s.type.name, s.required) for s in signature.inputs.inputs] == [
         ("a", "long", True), ("b", "double", True), ("c", "long", True)
     ]  # fmt: skip
+
+
+def test_the_example_logged_with_the_model_sets_the_types_it_is_checked_against():
+    """MLflow refuses to log a model whose input example does not match its signature: the
+    training rows handed to registration decide (a contract that says int64 for a column the
+    rows hold as float64 would otherwise fail the registration)."""
+    from sae_pipeline.data.contract import Contract
+
+    contract = Contract(["a", "b"], {"a": "int64", "b": "int64"}, None)
+    example = pd.DataFrame({"a": [1, 2], "b": [0.5, 1.0]})
+    assert bundle.input_types(contract, example) == {"a": "long", "b": "double"}

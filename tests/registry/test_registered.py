@@ -199,3 +199,30 @@ def test_the_registered_models_declare_their_inputs_and_take_arrays(no_pickle, r
             model.predict(unnamed)
     body = json.dumps({"dataframe_split": reg["frame"].head(2).to_dict(orient="split")})
     assert len(validate_serving_input(uri, body)) == 2
+
+
+def test_a_model_trained_on_integer_columns_takes_the_same_integers(digits, tmp_path):
+    """Integer features (counts, a CSV of whole numbers): declared long, the model registers
+    (MLflow checks the example against the signature) and in-process predict takes int64."""
+    import mlflow.pyfunc
+
+    from sae_pipeline.config import build_config
+    from sae_pipeline.registry import tracking
+    from tests.registry.conftest import make_encoder
+
+    ints = digits.astype("int64")
+    cfg = build_config({}, {"artifacts_root": str(tmp_path / "a"),
+                            "registry.tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"})  # fmt: skip
+    encoder = make_encoder(ints)
+    features = ints.drop(columns="target")
+    run = tracking.find_or_create_run(cfg, "ints", {})
+    versions = tracking.register_encoder(cfg, run, "ints", encoder, features.head(20), {})
+    uri = f"models:/{cfg.registry.encoder_model_name}/{versions['encoder']}"
+    model = mlflow.pyfunc.load_model(uri)
+    schema = model.metadata.get_input_schema()
+    assert {t.name for t in schema.input_types()} == {"long"}
+    np.testing.assert_allclose(
+        model.predict(features.head(30)).to_numpy(),
+        encoder.transform(features.head(30)).to_numpy(),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
