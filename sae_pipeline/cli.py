@@ -263,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drift", help="check a batch for drift against the champion (no Airflow)")
     p.add_argument("--batch", required=True, nargs="+", help="Parquet file(s) or folder(s)")
     p.add_argument("--model-version", help="encoder version (default: the champion)")
-    p.add_argument("--policy", help="drift policy YAML (default: the built-in policy)")
+    p.add_argument(
+        "--policy", help="drift policy YAML (default: $SAE_DRIFT_POLICY, else the built-in policy)"
+    )
     p.add_argument(
         "--policy-set", action="append", default=[], metavar="KEY=VALUE",
         help="policy override, e.g. drift_share=0.3 or signals.codes.drift_share=0.2",

@@ -98,9 +98,69 @@ class DriftPolicy(BaseModel):
 
 def load_policy(path: str | Path | None = None, overrides: dict[str, Any] | None = None):
     """A policy from YAML (or the defaults) plus dotted overrides; ConfigError names the field."""
-    import yaml
-
     from sae_pipeline.config import set_path
+
+    data = _policy_data(path)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_path(data, key, value)
+    try:
+        return DriftPolicy.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "policy"
+        got = first.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        raise ConfigError(f"invalid drift policy: {where}: {first['msg']}{shown}") from None
+
+
+# The fields that judge a batch (drifted or not); under a deployment policy only it sets them.
+JUDGING_FIELDS = ("drift_share", "signals", "min_rows", "sample_rows", "downstream", "seed")
+
+
+def deployment_judges(
+    deployed_path: str | Path, run_path: str | Path | None, overrides: dict[str, Any] | None
+) -> DriftPolicy:
+    """The run's policy (``run_path`` + ``overrides``) with the deployment's judging fields.
+
+    A run setting that would change a judging field (``drift_share: 1.0``, a signal turned
+    off, ``sample_rows: 0``...) is refused with a ConfigError naming it; setting one to the
+    deployment's own value is allowed. The other fields (``retrain``, ``experiment``,
+    ``review``, which the caller raises) stay the run's.
+    """
+    deployed = load_policy(deployed_path)
+    policy = load_policy(run_path or deployed_path, overrides)
+    settings = _leaves(_policy_data(run_path)) if run_path else {}
+    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    judged = deployed.model_dump(include=set(JUDGING_FIELDS))
+    for dotted, value in settings.items():
+        if dotted.split(".")[0] not in JUDGING_FIELDS:
+            continue
+        if (
+            load_policy(deployed_path, {dotted: value}).model_dump(include=set(JUDGING_FIELDS))
+            != judged
+        ):
+            raise ConfigError(
+                f"drift policy {dotted}={value!r} refused: the deployment's policy "
+                f"($SAE_DRIFT_POLICY) sets the judging fields and a run cannot change them"
+            )
+    return policy.model_copy(update={f: getattr(deployed, f) for f in JUDGING_FIELDS})
+
+
+def _leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}`` (an empty section sets nothing)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _policy_data(path: str | Path | None) -> dict[str, Any]:
+    """A policy file's mapping (plain JSON types), or ``{}`` for none."""
+    import yaml
 
     data: dict[str, Any] = {}
     if path is not None:
@@ -115,18 +175,7 @@ def load_policy(path: str | Path | None = None, overrides: dict[str, Any] | None
             ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"drift policy {p} must hold a mapping, got {type(data).__name__}")
-    data = json.loads(json.dumps(data))
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            set_path(data, key, value)
-    try:
-        return DriftPolicy.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "policy"
-        got = first.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        raise ConfigError(f"invalid drift policy: {where}: {first['msg']}{shown}") from None
+    return json.loads(json.dumps(data))
 
 
 # ---- the signals ------------------------------------------------------------------------

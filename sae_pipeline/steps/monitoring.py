@@ -98,12 +98,18 @@ def prepare(
 
     ``policy_path`` and ``overrides`` are the run's (DAG params, CLI flags); the review section
     is the deployment's (``$SAE_DRIFT_POLICY``, else the defaults), raised where the run asks
-    for more review: a run cannot lower the review the deployment requires.
+    for more review: a run cannot lower the review the deployment requires. Under a deployment
+    policy its judging fields (drift shares, signals, rows, downstream) are the ones used, and
+    a run that tries to change one is refused, before anything is read or written.
     """
-    from sae_pipeline.monitoring.drift import load_policy
+    from sae_pipeline.monitoring.drift import deployment_judges, load_policy
 
-    policy = load_policy(policy_path, overrides)
-    deployed = load_policy(os.environ.get(POLICY_ENV)).review
+    deployed_path = os.environ.get(POLICY_ENV) or None
+    if deployed_path is None:  # the embedded demo: the run's policy judges
+        policy = load_policy(policy_path, overrides)
+    else:
+        policy = deployment_judges(deployed_path, policy_path, overrides)
+    deployed = load_policy(deployed_path).review
     policy = policy.model_copy(update={"review": deployed.raised_by(policy.review)})
     return {**ctx, "policy": policy.model_dump(mode="json")}
 

@@ -63,14 +63,15 @@ def test_a_run_policy_file_cannot_lower_it_either(tmp_path, deployed):
     own.write_text(
         yaml.safe_dump(
             {
-                "drift_share": 0.3,
+                "retrain": False,
                 "review": {"retrain": "auto", "default": "retrain", "timeout_hours": 0.01},
             }
         )
     )
     ctx = _ctx(tmp_path, "manual__2", str(own))
     policy = monitoring._policy(ctx)
-    assert policy.drift_share == 0.3  # the run's judging fields still apply
+    assert policy.retrain is False  # the run's other fields still apply (judging: the
+    # deployment's alone, tests/steps/test_judging_authority.py)
     assert policy.review.required("retrain")
     assert (policy.review.default, policy.review.timeout_hours) == ("dismiss", 24.0)
 
