@@ -241,3 +241,14 @@ def test_top_columns_order_by_the_tests_kind():
     assert drift.top_columns(named) == ["a", "b"]
     distances = {"a": col(0.2, "wasserstein"), "b": col(0.9, "Wasserstein distance (normed)")}
     assert drift.top_columns(distances) == ["b", "a"]
+
+
+def test_decision_edges_exactly_min_rows_and_two_drifted_signals():
+    policy = DriftPolicy()
+    two = {s: result(0.0) for s in drift.SIGNALS} | {"raw": result(0.6), "codes": result(0.9)}
+    d = decide(two, rows=policy.min_rows, policy=policy)  # exactly min_rows: judged
+    assert d["decision"] == "retrain" and d["drifted_signals"] == ["raw", "codes"]
+    assert d["reason"].startswith("drift in raw, codes (drift share: raw 0.60 >= 0.50, ")
+    alert = decide(two, rows=policy.min_rows, policy=load_policy(overrides={"retrain": False}))
+    assert alert["drifted_signals"] == ["raw", "codes"]
+    assert decide(two, rows=policy.min_rows - 1, policy=policy)["drifted_signals"] == []

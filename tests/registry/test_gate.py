@@ -121,3 +121,8 @@ def test_the_drift_reference_of_a_streamed_run_is_a_fixed_size_seeded_sample(tmp
     np.testing.assert_array_equal(x[:, 1], rows * 2)
     np.testing.assert_array_equal(heldout, split.parts_of(rows.astype(np.uint64)) != 0)
     assert len(reference_rows(ref, ["a", "b"], None, seed=1)[0]) == 500
+
+
+def test_without_probe_accuracies_the_reason_is_the_mse_alone():
+    ok, reason = gate_decision({"test_mse": 0.01}, {"test_mse": 0.02}, build_config())
+    assert ok and reason == "test MSE 0.010000 < 0.020000"

@@ -187,3 +187,22 @@ def test_without_a_lock_folder_the_lock_is_private_to_this_user_and_registry(tmp
     os.chown(private, os.getuid() + 1, -1)  # the folder now belongs to someone else
     with pytest.raises(RegistryError, match=f"{private} belongs to another user; set SAE_LOCK_DIR"):
         promotion.lock_uri(a, "enc")
+
+
+def test_converge_tries_five_times_by_default_and_says_what_it_repaired(reg, caplog):
+    reg.aliases = {(ENC, CHAMPION): "1", (SC, CHAMPION): "8"}
+    left = {"moves": 5}
+
+    def five_moves(r, name, alias):
+        if name == SC and left["moves"]:
+            left["moves"] -= 1
+            r.aliases[(ENC, CHAMPION)] = "2" if r.aliases[(ENC, CHAMPION)] == "1" else "1"
+
+    reg.on_read = five_moves
+    with pytest.raises(RegistryError, match="keeps moving"):
+        promotion.converge(reg, ENC, SC)
+    reg.on_read = None
+    reg.aliases = {(ENC, CHAMPION): "3", (SC, CHAMPION): "8"}
+    with caplog.at_level("WARNING"):
+        promotion.converge(reg, ENC, SC)
+    assert "sc@champion was on 8, not on 9 (the partner of enc v3): repaired" in caplog.text

@@ -190,3 +190,40 @@ def test_task_timeouts_default_read_the_environment_and_refuse_nonsense(monkeypa
         with pytest.raises(ConfigError, match=f"^SAE_HEAVY_TASK_TIMEOUT_MINUTES {why}$"):
             task_timeout(heavy=True)
         assert task_timeout() == timedelta(hours=1)  # the other setting is not read
+
+
+def test_check_run_locations_hands_on_every_location_normalised(monkeypatch, tmp_path):
+    """What travels inward is the checked, normalised value: artifacts root, data source and
+    contract; and with ``data`` (the default) the data locations are checked too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SAE_ALLOWED_DATA_SOURCES", raising=False)
+    (tmp_path / "in").mkdir()
+    cfg = _cfg(**{"artifacts_root": "store/", "data.source": "in/a.parquet",
+                  "data.contract": "in/contract.json"})  # fmt: skip
+    out = check_run_locations(cfg)
+    assert out.artifacts_root == str(tmp_path / "store")
+    assert (out.data.source, out.data.contract) == (
+        str(tmp_path / "in" / "a.parquet"),
+        str(tmp_path / "in" / "contract.json"),
+    )
+    assert cfg.artifacts_root == "store/"  # a copy: the caller's config is left as it was
+    monkeypatch.setenv("SAE_ALLOWED_DATA_SOURCES", str(tmp_path / "in"))
+    outside = _cfg(**{"data.source": str(tmp_path / "elsewhere.parquet")})
+    with pytest.raises(ConfigError, match=r"^data\.source '.*elsewhere\.parquet' is outside"):
+        check_run_locations(outside)
+    bad_contract = _cfg(**{"data.source": "in/a.parquet", "data.contract": "/etc/c.json"})
+    with pytest.raises(ConfigError, match=r"^data\.contract '/etc/c\.json' is outside"):
+        check_run_locations(bad_contract)
+    assert check_run_locations(outside, data=False).data.source == outside.data.source
+
+
+def test_refusals_name_the_setting_and_the_way_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAE_ALLOWED_CONFIG_DIRS", str(tmp_path / "configs"))
+    with pytest.raises(ConfigError, match=r"^config_path '/etc/x\.yaml' is outside"):
+        check_config_path("/etc/x.yaml")
+    with pytest.raises(ConfigError, match="set MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN"):
+        check_run_locations(_cfg(**{"registry.tracking_uri": "https://u:pw@mlflow:5000"}))
+    pw = _cfg(**{"data.source": "postgresql://etl:S3cret@db/x", "data.query": "q"})
+    with pytest.raises(ConfigError, match=r"^data\.source .* holds a password: .*") as err:
+        check_no_inline_password(pw)
+    assert "data.source_password_env" in str(err.value) and "S3cret" not in str(err.value)
