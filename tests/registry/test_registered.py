@@ -177,7 +177,7 @@ def test_the_service_path_and_batch_encoding_give_the_same_codes(no_pickle, tmp_
     np.testing.assert_array_equal(batch.to_numpy(), served.to_numpy())  # bit for bit
 
 
-def test_the_registered_models_declare_their_inputs_and_take_arrays(no_pickle, recwarn):
+def test_the_models_declare_their_inputs_and_name_them_to_unnamed_arrays(no_pickle, recwarn):
     """The signature names the feature columns (doubles): tools that read it see them, and
     MLflow refuses an array without column names naming the columns it expects."""
     import mlflow.pyfunc
