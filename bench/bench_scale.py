@@ -135,7 +135,7 @@ def check_codes(tmp: Path, rows: int = 20_000) -> float:
     mlflow.set_registry_uri(uri)
     model = "models:/sae-digits-encoder@champion"
     served = mlflow.pyfunc.load_model(model).predict(pd.read_parquet(tmp / "held_out.parquet"))
-    encoder = bundle.load_encoder(model)
+    encoder = bundle.load_encoder(model, uri)
     parts = []
     for shard in batch_encoding.plan(batches.list_files(str(tmp / "held_out.parquet"))):
         out = batch_encoding.encode_shard(

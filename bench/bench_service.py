@@ -261,7 +261,7 @@ def main() -> int:
         return 0
 
     model = mlflow.pyfunc.load_model(model_uri)
-    encoder = bundle.load_encoder(model_uri)
+    encoder = bundle.load_encoder(model_uri, tracking_uri)
     digits = load_sklearn("digits")[encoder.contract.feature_columns]
     frames = {n: pd.concat([digits] * (n // len(digits) + 1), ignore_index=True).iloc[:n]
               for n in (1, 10_000)}  # fmt: skip

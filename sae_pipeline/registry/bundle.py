@@ -115,16 +115,45 @@ def encoder_from_files(config_path: str | Path, weights_path: str | Path) -> Enc
     return Encoder(contract, scaler, net.eval(), anomaly)
 
 
-def load_encoder(model_uri: str) -> Encoder:
-    """The ``Encoder`` of a registered version (``models:/<name>/<version>``), pickle-free.
+def download(model_uri: str, tracking_uri: str, dst: str) -> Path:
+    """A model's files, fetched from the registry at ``tracking_uri`` (never MLflow's
+    process-wide URI, whose silent default is ``sqlite:///mlflow.db`` in the working folder).
+
+    MLflow resolves a ``models:/`` URI with the process-wide registry even when given a
+    tracking URI, so the version (or logged model) is resolved here with an explicit client.
+    """
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    if not tracking_uri:
+        raise RegistryError(f"no MLflow tracking URI to load {model_uri} from")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    uri = model_uri
+    for _ in range(2):  # a version's source may itself be a logged model (models:/m-...)
+        if not uri.startswith("models:"):
+            break
+        found = get_model_name_and_version(client, uri)
+        if len(found) == 1:
+            uri = client.get_logged_model(found[0]).artifact_location
+        else:
+            uri = client.get_model_version_download_uri(*found)
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
+    )
+
+
+def load_encoder(model_uri: str, tracking_uri: str) -> Encoder:
+    """The ``Encoder`` of a registered version (``models:/<name>/<version>``) in the registry
+    at ``tracking_uri`` (the config's, explicitly), pickle-free.
 
     A version registered before the bundle format (a pickled pyfunc) is refused with the
     command that re-registers it: its files can only be read by unpickling.
     """
-    import mlflow.artifacts
-
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        local = download(model_uri, tracking_uri, tmp)
         config, weights = local / "artifacts" / "encoder.json", local / "artifacts" / "weights.npz"
         if not config.is_file():
             if (local / "python_model.pkl").is_file():
@@ -136,12 +165,10 @@ def load_encoder(model_uri: str) -> Encoder:
         return encoder_from_files(config, weights)
 
 
-def encoder_json(model_uri: str) -> dict[str, Any]:
+def encoder_json(model_uri: str, tracking_uri: str) -> dict[str, Any]:
     """A registered encoder's ``encoder.json`` (plain data: contract, scaler, probe, ...)."""
-    import mlflow.artifacts
-
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        local = download(model_uri, tracking_uri, tmp)
         config = local / "artifacts" / "encoder.json"
         if not config.is_file():
             raise RegistryError(f"{model_uri} is not an encoder bundle (no encoder.json)")

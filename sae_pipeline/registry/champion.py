@@ -107,7 +107,7 @@ def _load(tracking_uri: str, model_uri: str):
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    return bundle.load_encoder(model_uri)
+    return bundle.load_encoder(model_uri, tracking_uri)
 
 
 def load_encoder(ref: ModelRef):
@@ -124,7 +124,7 @@ def _probe(tracking_uri: str, model_uri: str):
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    return bundle.encoder_json(model_uri).get("probe")
+    return bundle.encoder_json(model_uri, tracking_uri).get("probe")
 
 
 def probe(ref: ModelRef) -> dict[str, Any] | None:

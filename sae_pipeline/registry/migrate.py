@@ -63,7 +63,7 @@ def migrate_version(cfg: PipelineConfig, version: str) -> dict[str, Any]:
             return {"encoder": str(v.version), "migrated_from": str(version), "new": False}
     uri = f"models:/{name}/{version}"
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        local = bundle.download(uri, tracking.tracking_uri(cfg), tmp)
         if (local / "artifacts" / "encoder.json").is_file():
             raise RegistryError(f"{uri} is already in the bundle format")
         encoder = read_legacy_encoder(local)

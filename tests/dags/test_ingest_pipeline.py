@@ -119,7 +119,7 @@ def test_training_from_a_postgresql_table(store):
     # the contract (with training ranges) and the input example travel with the registered model
     model_uri = f"models:/{reg['encoder_model_name']}/{reg['encoder_version']}"
     mlflow.set_tracking_uri(uri)
-    encoder = bundle.load_encoder(model_uri)
+    encoder = bundle.load_encoder(model_uri, uri)
     assert encoder.contract.to_dict() == contract
     assert contract["feature_ranges"]["alcohol"][0] == pytest.approx(snap["alcohol"].min())
     example = mlflow.models.Model.load(model_uri).load_input_example(model_uri)

@@ -98,7 +98,7 @@ def test_a_legacy_pickled_version_is_refused_with_the_migrate_command(
     with mlflow.start_run(experiment_id=exp):
         info = mlflow.pyfunc.log_model(name="legacy", python_model=Legacy(), pip_requirements=[])
     with pytest.raises(RegistryError, match="sae-pipeline registry migrate --version"):
-        bundle.load_encoder(info.model_uri)
+        bundle.load_encoder(info.model_uri, no_pickle["uri"])
 
 
 @pytest.mark.parametrize("server", ["mlflow", "sae-pipeline serve"])
@@ -226,3 +226,31 @@ def test_a_model_trained_on_integer_columns_takes_the_same_integers(digits, tmp_
         encoder.transform(features.head(30)).to_numpy(),
         rtol=1e-5, atol=1e-6,
     )  # fmt: skip
+
+
+def test_load_encoder_reads_the_registry_it_is_given_never_mlflows_default(
+    registered, tmp_path, monkeypatch
+):
+    """Before: ``bundle.load_encoder(uri)`` read MLflow's process-wide registry, which with
+    nothing set is the silent default ``sqlite:///mlflow.db`` in the working folder."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from sae_pipeline.errors import RegistryError
+    from sae_pipeline.registry import bundle
+
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)  # nothing set in this process
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    uri = f"models:/{registered['encoder_name']}@champion"
+    loaded = bundle.load_encoder(uri, registered["uri"])
+    want = registered["encoders"]["2"]
+    np.testing.assert_array_equal(
+        loaded.transform(registered["frame"]), want.transform(registered["frame"])
+    )
+    assert bundle.encoder_json(uri, registered["uri"])["contract"] == want.contract.to_dict()
+    with pytest.raises(RegistryError, match="no MLflow tracking URI"):
+        bundle.load_encoder(uri, "")
+    assert not list(tmp_path.iterdir())  # no mlflow.db, no mlruns/ in the working folder
