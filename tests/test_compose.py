@@ -730,3 +730,20 @@ def test_a_rotated_worker_password_is_applied_to_mlflow(fake_mlflow_auth):
     done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert not any(path.endswith("/update-password") for _, path in calls)
+
+
+def test_every_worker_runs_the_monitor_under_the_shipped_drift_policy(compose, monkeypatch):
+    """Without ``$SAE_DRIFT_POLICY`` a trigger's params set the review and the judging fields
+    (``drift_share: 1.0``: nothing ever drifts); the workers name the shipped policy."""
+    from sae_pipeline.errors import ConfigError
+    from sae_pipeline.monitoring.drift import load_policy
+    from sae_pipeline.steps import monitoring
+
+    paths = {compose["services"][n]["environment"].get("SAE_DRIFT_POLICY") for n in WORKERS}
+    (path,) = paths
+    assert path and path.startswith(IMAGE_ROOT + "/configs/")
+    local = path.replace(IMAGE_ROOT, str(REPO), 1)
+    load_policy(local)  # valid
+    monkeypatch.setenv("SAE_DRIFT_POLICY", local)
+    with pytest.raises(ConfigError, match="drift_share"):
+        monitoring.prepare({}, None, {"drift_share": 1.0})
