@@ -13,7 +13,9 @@ version, drift share per signal, decision and reason.
   against the same champion version is not judged again: the run returns the earlier
   decision and triggers nothing (`<root>/monitoring/decisions/<model>/v<version>/...`).
 - **Policy** (`$SAE_DRIFT_POLICY` YAML, or params): drift share threshold, per-signal
-  thresholds, minimum batch size, sample size, retraining on or off.
+  thresholds, minimum batch size, sample size, retraining on or off. Under `$SAE_DRIFT_POLICY`
+  the judging fields (drift shares, signals, rows) are the deployment's: a param or
+  `policy_path` that changes one fails the run at `prepare`, naming the field.
 - **Retraining data**: when retraining may follow, `retraining_data` writes the champion's
   training snapshot plus the batch's valid rows to the store (a batch row supersedes the
   champion's row with the same id) and checks it, before anyone is asked.
