@@ -157,7 +157,11 @@ def _sql(raw: str, what: str) -> Location:
     except Exception:  # any parse error is a refusal naming the value
         raise _refuse(what, raw, "it is not a database URL SQLAlchemy can parse") from None
     if url.password is not None or "@" in (url.host or ""):
-        raise _refuse(what, raw, "it holds a password; set data.source_password_env instead")
+        shown = url.render_as_string(hide_password=True)  # a quote or space defeats the regex
+        raise ConfigError(
+            f"{what} {shown!r} is refused: it holds a password; "
+            "set data.source_password_env instead"
+        )
     for key in url.query:
         if is_secret_key(key):
             raise _refuse(what, raw, f"it holds a secret in the query key {key!r}")

@@ -216,3 +216,156 @@ def test_whatever_the_boundary_accepts_lies_under_an_allowed_root(
         assert (url.host.lower(), url.port, url.password) == ("db", 5432, None), raw
     else:
         assert got.startswith(f"{loc.protocol}://") and _under_remote(got), raw
+
+
+# ---- exact messages, cases and keys (mutation testing: each line below kills a mutant) -------
+def _refusal(raw: str, what: str = "data_source") -> str:
+    with pytest.raises(ConfigError) as err:
+        parse_location(raw, what)
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        ("memory://x\ty", "data_source 'memory://x\\ty' is refused: it holds a control character"),
+        ("a::b", "data_source 'a::b' is refused: chained URLs (a::b) are not accepted; name one "
+         "location"),
+        ("https://h/x?token=t", "data_source 'https://h/x?token=***' is refused: it holds the "
+         "query key 'token', which would be stored with the run; write it without and give the "
+         "secret through the environment (data.source_password_env for a database)"),
+        ("/srv/x://", "data_source '/srv/x://' is refused: '/srv/x' is not a protocol name"),
+        ("http://h/a#f", "data_source 'http://h/a#f' is refused: a fragment (#) or backslash has "
+         "no place in a location"),
+        ("http://h/a%2fb", "data_source 'http://h/a%2fb' is refused: percent-encoded dots, "
+         "separators or escapes are not accepted"),
+        ("s3://b/..", "data_source 's3://b/..' is refused: '..' climbs above the URL's host"),
+        ("postgresql://db:notaport/x", "data_source 'postgresql://db:notaport/x' is refused: it "
+         "is not a database URL SQLAlchemy can parse"),
+        ("postgresql://u:p'w@db/x", "data_source 'postgresql://u:***@db/x' is refused: it holds "
+         "a password; set data.source_password_env instead"),  # the regex stops at the quote
+        ("postgresql://u:p w@db/x", "data_source 'postgresql://u:***@db/x' is refused: it holds "
+         "a password; set data.source_password_env instead"),
+    ],
+)  # fmt: skip
+def test_each_refusal_is_one_exact_line_naming_the_value_and_the_reason(raw, want):
+    assert _refusal(raw) == want
+
+
+def test_an_empty_location_and_a_sql_query_secret_name_the_field_and_key(monkeypatch):
+    assert _refusal("  ", "batch") == "batch must be a non-empty path or URL, got '  '"
+    with pytest.raises(ConfigError) as err:
+        parse_location(None, "batch")  # type: ignore[arg-type]
+    assert str(err.value) == "batch must be a non-empty path or URL, got None"
+    monkeypatch.setattr(boundary, "find_secret", lambda url: None)  # reach the SQL check itself
+    assert _refusal("postgresql://db/x?sslmode=a&Api_Key=k") == (
+        "data_source 'postgresql://db/x?sslmode=a&Api_Key=***' is refused: it holds a secret in "
+        "the query key 'Api_Key'"
+    )
+    assert _refusal("postgresql://u:pw@db/x") == (
+        "data_source 'postgresql://u:***@db/x' is refused: it holds a password; set "
+        "data.source_password_env instead"
+    )
+
+
+def test_outside_the_allow_list_is_one_line_listing_the_masked_entries(monkeypatch):
+    monkeypatch.setenv(ENV, "s3://b/data, sklearn://")
+    with pytest.raises(ConfigError) as err:
+        check_location("gs://b/data/x?q=1", ENV, "batch")
+    assert str(err.value) == (
+        "batch 'gs://b/data/x?q=1' is outside the allowed locations "
+        f"(s3://b/data, sklearn://; {ENV})"
+    )
+    monkeypatch.setenv(ENV, "::")
+    with pytest.raises(ConfigError, match=f"^{ENV} entry '::' is refused: chained"):
+        check_location("s3://b/x", ENV, "batch")
+
+
+@pytest.mark.parametrize("protocol", ["http", "https", "ftp", "sftp", "ssh", "webdav"])
+def test_host_names_are_compared_case_blind_for_every_host_protocol(protocol, monkeypatch):
+    loc = parse_location(f"{protocol.upper()}://Me@Host.Example:22/Dir/F")
+    assert loc == (
+        protocol,
+        ("host.example:22", "Dir", "F"),
+        f"{protocol}://Me@Host.Example:22/Dir/F",
+    )
+    monkeypatch.setenv(ENV, f"{protocol}://HOST.example:22/Dir")
+    assert check_location(f"{protocol}://host.EXAMPLE:22/Dir/x", ENV, "d").endswith("/Dir/x")
+    with pytest.raises(ConfigError, match="outside"):  # the path stays case-sensitive
+        check_location(f"{protocol}://host.example:22/dir/x", ENV, "d")
+
+
+def test_bucket_names_keep_their_case_and_local_is_an_alias_of_file(tmp_path):
+    assert parse_location("s3://Bucket/K").key == ("Bucket", "K")
+    assert parse_location("memory://u@B/k").key == ("B", "k")  # the login is dropped, not the case
+    assert parse_location(f"local://{tmp_path}/x") == (
+        "file",
+        (*Path(tmp_path).resolve().parts[1:], "x"),
+        f"{Path(tmp_path).resolve()}/x",
+    )
+    assert parse_location("s3://b/k/..").uri == "s3://b"  # one step down, one up: the bucket
+    assert parse_location("s3://b/./k?v=1").uri == "s3://b/k?v=1"
+    assert parse_location("s3://b/k?").uri == "s3://b/k"
+
+
+def test_database_urls_are_keyed_by_host_port_and_name_or_by_the_sqlite_file(tmp_path):
+    assert parse_location("postgresql://etl@DB:5432/Sales").key == ("db:5432", "Sales")
+    assert parse_location("mysql+pymysql://etl@DB/Sales").key == ("db", "Sales")
+    assert parse_location("MSSQL://etl@db").key == ("db",)
+    db = tmp_path / "a.db"
+    sqlite = parse_location(f"sqlite:///{tmp_path}/x/../a.db")
+    assert sqlite == ("sqlite", Path(db).resolve().parts[1:], f"sqlite:///{Path(db).resolve()}")
+    assert parse_location("sqlite://").key == ()
+    for name in (":memory:", "file:x.db"):  # kept as written, never made a local path
+        loc = parse_location(f"sqlite:///{name}?mode=ro")
+        assert (loc.key, sqlalchemy.make_url(loc.uri).database) == ((name,), name)
+        assert loc.uri.endswith("?mode=ro")
+
+
+def test_a_protocol_entry_allows_that_protocol_only(monkeypatch):
+    monkeypatch.setenv(ENV, " S3:// ,local://,postgres://")
+    got = boundary.allow_list(ENV)
+    assert got == [("s3", (), "S3://"), ("file", (), "local://"), ("postgresql", (), "postgres://")]
+    assert check_location("s3://any/x", ENV, "d") == "s3://any/x"
+    assert check_location("postgresql://db/x", ENV, "d") == "postgresql://db/x"
+    with pytest.raises(ConfigError, match="outside"):
+        check_location("gs://any/x", ENV, "d")
+    monkeypatch.setenv(ENV, " , ")
+    assert boundary.allow_list(ENV) is None
+
+
+SECRET_KEYS = [
+    "pass", "passwd", "pwd", "sig", "auth", "apikey", "api_key", "key", "password", "secret",
+    "token", "signature", "credential", "private", "client_secret", "id_token", "privateKey",
+    "X-Amz-Signature", "x-amz-signature", "X-AMZ-SIGNATURE", "X-Amz-Credential",
+    "X-Amz-Security-Token", "X-Amz-Key", "x-amz-sig", "X-Goog-Signature", "x-goog-key",
+    "X-Goog-Credential", "x-ms-key", "X-Ms-Sig", " Pwd ", "AUTH",
+]  # fmt: skip
+PLAIN_KEYS = ["page", "X-Amz-Date", "X-Amz-Expires", "x-amz-keys", "sigma", "pa", "x-ms-",
+              "authors", "mode", "x-foo-key", "keyword", "passes"]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", SECRET_KEYS)
+def test_every_secret_query_key_is_found_masked_and_refused(key):
+    assert boundary.is_secret_key(key)
+    url = f"https://h/x?a=1&{key.strip()}=s3cr3t&b=2"
+    assert find_secret(url) == f"the query key {key.strip()!r}"
+    assert mask_secrets(url) == f"https://h/x?a=1&{key.strip()}=***&b=2"
+    assert "s3cr3t" not in _refusal(url)
+
+
+@pytest.mark.parametrize("key", PLAIN_KEYS)
+def test_plain_query_keys_are_left_alone(key):
+    url = f"https://h/x?{key}=v"
+    assert not boundary.is_secret_key(key)
+    assert (find_secret(url), mask_secrets(url), parse_location(url).uri) == (None, url, url)
+
+
+def test_masking_covers_every_separator_and_only_the_value():
+    assert mask_secrets("u?c=d&token=a;b&sig=b;c=d#sig=e") == "u?c=d&token=***&sig=***#sig=e"
+    assert mask_secrets("u;sig=a&x=1") == "u;sig=***&x=1"
+    assert mask_secrets("x 'https://h/?pwd=a' y") == "x 'https://h/?pwd=***' y"
+    assert mask_secrets("ssh://me:p w@h") == "ssh://me:p w@h"  # a space ends the token
+    assert mask_secrets("a+b.c-d://me:pw@h") == "a+b.c-d://me:***@h"
+    assert find_secret("https://h/x?page=1#x&token=a") is None  # a fragment is no query
+    assert find_secret("ssh://me:pw@h") == "a password"
