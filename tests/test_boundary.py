@@ -369,3 +369,20 @@ def test_masking_covers_every_separator_and_only_the_value():
     assert mask_secrets("a+b.c-d://me:pw@h") == "a+b.c-d://me:***@h"
     assert find_secret("https://h/x?page=1#x&token=a") is None  # a fragment is no query
     assert find_secret("ssh://me:pw@h") == "a password"
+
+
+def test_wrappers_name_their_field_and_list_and_a_bare_name_is_a_local_path(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV, "srv")  # no "://": a (relative) local path, not a protocol
+    assert boundary.allow_list(ENV) == [parse_location("srv")]
+    with pytest.raises(ConfigError, match=r"^batch 'a::b' is refused"):
+        check_location("a::b", ENV, "batch")
+    assert parse_location("postgresql:///x").key == ("", "x")  # no host: an empty one
+    for check, field, env in [
+        (boundary.artifact_location, "artifacts_root", boundary.ARTIFACT_ROOTS),
+        (boundary.config_location, "config_path", boundary.CONFIG_DIRS),
+        (boundary.data_location, "data_source", boundary.DATA_SOURCES),
+    ]:
+        monkeypatch.setenv(env, "s3://")
+        with pytest.raises(ConfigError, match=rf"^{field} 'gs://b' is outside .*; {env}\)$"):
+            check("gs://b")
+        assert check("s3://b/x/../y") == "s3://b/y"
