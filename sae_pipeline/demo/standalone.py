@@ -111,7 +111,7 @@ def wait_for_dags(proc: subprocess.Popen, url: str, password: str, log: Path, ti
     )
 
 
-def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
     """Stop standalone and its components (they share its process group)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)  # standalone stops its components itself
