@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sae_pipeline.demo.standalone import DAG_IDS, logins, standalone_env
+from sae_pipeline.demo.standalone import DAG_IDS, _call, logins, standalone_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,16 +45,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _call(method: str, url: str, body=None, token: str | None = None):
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read() or b"null")
 
 
 @pytest.mark.system

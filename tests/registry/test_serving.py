@@ -17,6 +17,7 @@ import pytest
 
 from sae_pipeline.registry import _wire, bundle, serving
 from sae_pipeline.registry._model_code import sae_model_runtime as runtime
+from sae_pipeline.registry.client import to_arrow
 from tests.registry.conftest import make_encoder
 
 MARK = "SECRET-ROW-MARKER"  # a request value that no answer may echo
@@ -49,14 +50,6 @@ def split(frame: pd.DataFrame, **extra) -> bytes:
     ).encode()
 
 
-def arrow(frame: pd.DataFrame) -> bytes:
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
 def test_every_content_type_answers_the_bundles_outputs(served, rows):
     app = client(app_of(served))
     want = served.predict(rows, {"output": "all"})
@@ -78,12 +71,12 @@ def test_every_content_type_answers_the_bundles_outputs(served, rows):
         got = pd.DataFrame(r.json()["predictions"])[served.code_columns].to_numpy()
         np.testing.assert_allclose(got, codes, rtol=1e-6)
     # Arrow in: Arrow out (float32 codes, bit-equal); Accept picks CSV or JSON instead
-    r = app.post("/invocations", content=arrow(rows),
+    r = app.post("/invocations", content=to_arrow(rows),
                  headers={"Content-Type": _wire.ARROW})  # fmt: skip
     assert r.status_code == 200 and r.headers["content-type"].startswith(_wire.ARROW)
     table = pa.ipc.open_stream(r.content).read_all()
     np.testing.assert_array_equal(table.to_pandas().to_numpy(), codes)
-    r = app.post("/invocations", content=arrow(rows),
+    r = app.post("/invocations", content=to_arrow(rows),
                  headers={"Content-Type": _wire.ARROW, "Accept": "text/csv"})  # fmt: skip
     assert r.headers["content-type"].startswith("text/csv")
     np.testing.assert_allclose(pd.read_csv(io.StringIO(r.text)).to_numpy(), codes, rtol=1e-6)
@@ -147,7 +140,7 @@ def test_too_many_rows_get_413_for_every_content_type(served, rows):
         ("application/json", split(rows)),
         ("application/json", json.dumps({"dataframe_records": rows.to_dict("records")}).encode()),
         ("text/csv", rows.to_csv(index=False).encode()),
-        (_wire.ARROW, arrow(rows)),
+        (_wire.ARROW, to_arrow(rows)),
         (_wire.PARQUET, rows.to_parquet(index=False)),
     ):
         r = app.post("/invocations", content=body, headers={"Content-Type": ctype})
